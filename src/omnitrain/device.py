@@ -1,0 +1,166 @@
+"""The one place that names a device or a backend.
+
+Everything else asks this module: which accelerator is here, which
+torch.distributed backend goes with it, how to synchronise, how much memory a
+rank used, and the peak FLOP/s used for MFU. NPU support comes from torch_npu
+(optional `npu` extra); importing it registers `torch.npu`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+_BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
+
+# Dense bf16 peak FLOP/s per device, for MFU. Keys are substrings of the
+# device name; first match wins. CPU has no meaningful peak: MFU is reported
+# as 0 there rather than a made-up number.
+_PEAK_FLOPS = (
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("H800", 989e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("Ascend910B", 313e12),
+    ("Ascend910", 256e12),
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_npu() -> bool:
+    try:
+        import torch_npu  # noqa: F401  (registers torch.npu)
+    except Exception:
+        return False
+    return hasattr(torch, "npu") and torch.npu.is_available()
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    type: str  # npu | cuda | cpu
+    backend: str  # hccl | nccl | gloo
+
+    def torch_device(self, local_rank: int = 0) -> torch.device:
+        if self.type == "cpu":
+            return torch.device("cpu")
+        return torch.device(self.type, local_rank)
+
+
+def detect(requested: str = "auto") -> DeviceInfo:
+    """Pick the device type: `auto` prefers npu, then cuda, then cpu."""
+    if requested not in ("auto", *_BACKENDS):
+        raise ValueError(f"train.device={requested!r}: use one of auto, {', '.join(_BACKENDS)}")
+    if requested == "auto":
+        if _has_npu():
+            requested = "npu"
+        elif torch.cuda.is_available():
+            requested = "cuda"
+        else:
+            requested = "cpu"
+    elif requested == "npu" and not _has_npu():
+        raise RuntimeError("train.device=npu but torch_npu is not importable: pip install 'omnitrain[npu]'")
+    elif requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible: use train.device=auto or cpu")
+    return DeviceInfo(requested, _BACKENDS[requested])
+
+
+def is_cpu(dev: torch.device | DeviceInfo) -> bool:
+    return dev.type == "cpu"
+
+
+def backend_for(dev: torch.device | DeviceInfo) -> str:
+    return _BACKENDS[dev.type]
+
+
+def cpu_backend() -> str:
+    """Backend for CPU-side collectives (object broadcast, barriers)."""
+    return _BACKENDS["cpu"]
+
+
+def _module(dev: torch.device | DeviceInfo):
+    return getattr(torch, dev.type, None) if dev.type != "cpu" else None
+
+
+def set_device(dev: torch.device) -> None:
+    mod = _module(dev)
+    if mod is not None:
+        mod.set_device(dev)
+
+
+def synchronize(dev: torch.device | DeviceInfo) -> None:
+    mod = _module(dev)
+    if mod is not None:
+        mod.synchronize()
+
+
+def manual_seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    for name in ("cuda", "npu"):
+        mod = getattr(torch, name, None)
+        if mod is not None and hasattr(mod, "manual_seed_all"):
+            with contextlib.suppress(Exception):
+                mod.manual_seed_all(seed)
+
+
+def rng_state(dev: torch.device | DeviceInfo) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    mod = _module(dev)
+    if mod is not None:
+        state["device"] = mod.get_rng_state()
+    return state
+
+
+def set_rng_state(dev: torch.device | DeviceInfo, state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    mod = _module(dev)
+    if mod is not None and "device" in state:
+        mod.set_rng_state(state["device"])
+
+
+def reset_peak_memory(dev: torch.device | DeviceInfo) -> None:
+    mod = _module(dev)
+    if mod is not None:
+        mod.reset_peak_memory_stats()
+
+
+def peak_memory_bytes(dev: torch.device | DeviceInfo) -> int:
+    """Peak allocated bytes on the device; on CPU the process's peak RSS."""
+    mod = _module(dev)
+    if mod is not None:
+        return int(mod.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def peak_flops(dev: torch.device | DeviceInfo) -> float:
+    """Peak dense bf16 FLOP/s of one device; 0.0 when unknown (MFU reported as 0)."""
+    mod = _module(dev)
+    if mod is None:
+        return 0.0
+    try:
+        name = mod.get_device_name()
+    except Exception:
+        return 0.0
+    name = name.replace(" ", "")
+    for key, flops in _PEAK_FLOPS:
+        if key in name:
+            return flops
+    return 0.0
+
+
+def autocast(dev: torch.device | DeviceInfo, dtype: torch.dtype | None):
+    """Autocast context for the compute dtype; a no-op for fp32."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=dev.type, dtype=dtype)
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
