@@ -77,7 +77,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | npu
     log_every: int = 1
     progress: bool = True
-    output_dir: str = "${hydra:runtime.output_dir}"
+    # Run directory; null = Hydra's run dir (outputs/<date>/<time>).
+    output_dir: Optional[str] = None
     save_every: int = 0
     keep_last: int = 2
     save_optimizer: bool = True

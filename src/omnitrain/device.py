@@ -99,6 +99,19 @@ def synchronize(dev: torch.device | DeviceInfo) -> None:
         mod.synchronize()
 
 
+def accelerator_initialized() -> bool:
+    """Whether this process already holds an accelerator context.
+
+    A child forked after that cannot use the accelerator, so launchers must
+    spawn instead.
+    """
+    for name in ("cuda", "npu"):
+        mod = getattr(torch, name, None)
+        if mod is not None and hasattr(mod, "is_initialized") and mod.is_initialized():
+            return True
+    return False
+
+
 def manual_seed_all(seed: int) -> None:
     torch.manual_seed(seed)
     for name in ("cuda", "npu"):

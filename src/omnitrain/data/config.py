@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, List, Optional
 
 
 @dataclass
@@ -12,21 +12,40 @@ class DataConfig:
     # Folder holding dataset_info.json; `builtin:demo` is the shipped copy of
     # LLaMA-Factory's mllm demo set.
     dataset_dir: str = "builtin:demo"
-    # Comma-separated dataset names from dataset_info.json (or json paths).
-    dataset: str = "mllm_demo,mllm_audio_demo,mllm_video_demo,mllm_video_audio_demo"
+    # Dataset names from dataset_info.json, or paths to json files: a list, or
+    # one comma-separated string (`data.dataset=[a,b]` or `data.dataset='a,b'`).
+    dataset: Any = "mllm_demo,mllm_audio_demo,mllm_video_demo,mllm_video_audio_demo"
+    # Mixing: one weight per dataset; each epoch holds a weight-proportional
+    # share of samples (datasets repeat or subsample). null = plain concatenation.
     weights: Optional[List[float]] = None
+    # Keep the first N samples of each dataset (LLaMA-Factory's max_samples).
     max_samples: Optional[int] = None
+    # Token budget per sample; only trailing text is ever cut, never media.
     cutoff_len: int = 2048
     on_error: str = "raise"  # raise | skip
     num_workers: int = 0
+    prefetch_factor: int = 2
+    # Default for datasets and samples that do not say (a dataset_info entry or
+    # a sample may carry its own `use_audio_in_video`).
     use_audio_in_video: bool = False
     video_fps: float = 2.0
     video_max_frames: int = 16
+    video_min_frames: int = 2
     image_max_pixels: int = 12544
     image_min_pixels: int = 3136
     video_max_pixels: int = 6272
     video_min_pixels: int = 3136
-    max_audio_seconds: float = 30.0
+    # Audio longer than this is cut to it (counted in stats, logged); null = no cap.
+    max_audio_seconds: Optional[float] = None
+    # Audio longer than the feature extractor's window (30 s) is split into
+    # several audio segments (chunk) or rejected (error).
+    long_audio: str = "chunk"  # chunk | error
+    # Labels: assistant turns only (default); train_on_prompt labels user and
+    # system text too (never media); mask_history labels only the last answer.
     train_on_prompt: bool = False
+    mask_history: bool = False
+    # System prompt when a sample has none; null = the model's default prompt,
+    # "" = no system turn.
     system: Optional[str] = None
+    # Folder for processed samples keyed by content + settings; null = no cache.
     cache_dir: Optional[str] = None

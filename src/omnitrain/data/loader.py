@@ -1,0 +1,242 @@
+"""`build_loader`: an endless, resumable iterator of micro-batches.
+
+torch DataLoader workers process samples; the order comes from `sampler`
+(seed + global batch only). The position is the number of micro-batches
+handed out, so `state_dict()` / `load_state_dict()` resume exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+
+from omnitrain.data.collate import collate
+from omnitrain.data.dataset import ProcessedDataset, SampleCache, build_index, processor_fingerprint
+from omnitrain.data.errors import DataError
+from omnitrain.data.processor import token_ids
+from omnitrain.data.sample import SampleBuilder, Settings
+from omnitrain.data.sampler import check_batch_sizes, epoch_order, micro_batch_positions
+
+log = logging.getLogger(__name__)
+
+
+class _MicroBatches(torch.utils.data.Sampler):
+    """Endless (dataset, sample) keys of this rank's micro-batches from `start`."""
+
+    def __init__(self, loader: "OmniLoader", start: int):
+        self.loader = loader
+        self.start = start
+
+    def __iter__(self) -> Iterator[List[Any]]:
+        m = self.start
+        while True:
+            yield [self.loader.key_at(p) for p in self.loader.positions(m)]
+            m += 1
+
+
+class _Collate:
+    """Picklable collate for workers: (micro-batch, per-sample meta)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, samples):
+        return collate(samples, self.pad_id), [s["meta"] for s in samples]
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers already run in parallel; avoid oversubscription
+
+
+class OmniLoader:
+    def __init__(
+        self,
+        dataset: ProcessedDataset,
+        *,
+        seed: int,
+        micro_batch_size: int,
+        global_batch_size: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        num_workers: int = 0,
+        prefetch_factor: int = 2,
+        weights: Optional[List[float]] = None,
+        on_error: str = "raise",
+    ):
+        check_batch_sizes(global_batch_size, micro_batch_size, dp_size)
+        self.dataset = dataset
+        self.seed = seed
+        self.micro = micro_batch_size
+        self.global_batch = global_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
+        self.weights = None if weights is None else tuple(float(w) for w in weights)
+        self.on_error = on_error
+        self.sizes = dataset.index.sizes
+        self.epoch_len = len(epoch_order(self.sizes, self.weights, seed, 0))
+        self.micro_step = 0
+        self._counts: Counter = Counter()
+        self._skipped: Counter = Counter()
+        self._decodes: Counter = Counter()
+        self._errors: List[str] = []
+
+    # -- order --------------------------------------------------------------
+
+    def positions(self, micro_step: int) -> List[int]:
+        return micro_batch_positions(
+            micro_step,
+            global_batch_size=self.global_batch,
+            micro_batch_size=self.micro,
+            dp_rank=self.dp_rank,
+            dp_size=self.dp_size,
+        )
+
+    def key_at(self, position: int):
+        epoch, offset = divmod(position, self.epoch_len)
+        return epoch_order(self.sizes, self.weights, self.seed, epoch)[offset]
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        return self.global_batch // (self.micro * self.dp_size)
+
+    # -- iteration ----------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
+        kwargs: Dict[str, Any] = {}
+        if self.num_workers > 0:
+            kwargs = dict(prefetch_factor=self.prefetch_factor, worker_init_fn=_worker_init, persistent_workers=False)
+        dl = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=_MicroBatches(self, self.micro_step),
+            collate_fn=_Collate(self.dataset.builder.ids.pad),
+            num_workers=self.num_workers,
+            **kwargs,
+        )
+        for batch, metas in dl:
+            self._account(metas)
+            self.micro_step += 1
+            yield batch
+
+    def _account(self, metas: List[Dict[str, Any]]) -> None:
+        for meta in metas:
+            err: Optional[DataError] = meta.get("error")
+            if err is not None:
+                if self.on_error == "raise":
+                    raise err
+                self._skipped[err.reason] += 1
+                self._errors.append(str(err))
+                log.warning("skipping: %s", err)
+                continue
+            self._counts["samples"] += 1
+            for path in meta.get("decoded", []):
+                self._decodes[path] += 1
+            if "cache_hit" in meta:
+                self._counts["cache_hits" if meta["cache_hit"] else "cache_misses"] += 1
+            for k in ("audio_chunked", "audio_capped"):
+                self._counts[k] += meta.get(k, 0)
+
+    # -- state --------------------------------------------------------------
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "micro_step": self.micro_step,
+            "seed": self.seed,
+            "global_batch_size": self.global_batch,
+            "epoch_len": self.epoch_len,
+            "micro_batches_per_step": self.micro_batches_per_step,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Resume at the saved micro-batch (a new iterator starts there).
+
+        A resume under another dp layout maps by global samples consumed; it
+        must land on a global-step boundary.
+        """
+        if state.get("seed", self.seed) != self.seed or state.get("global_batch_size", self.global_batch) != self.global_batch:
+            raise ValueError(
+                f"data state was saved with seed={state.get('seed')} global_batch_size={state.get('global_batch_size')}; "
+                f"this run has seed={self.seed} global_batch_size={self.global_batch}"
+            )
+        if state.get("epoch_len", self.epoch_len) != self.epoch_len:
+            log.warning("dataset size changed since the checkpoint (%s -> %s samples per epoch)", state["epoch_len"], self.epoch_len)
+        saved_per_step = int(state.get("micro_batches_per_step", self.micro_batches_per_step))
+        step, rest = divmod(int(state["micro_step"]), saved_per_step)
+        if saved_per_step == self.micro_batches_per_step:
+            self.micro_step = int(state["micro_step"])
+        elif rest == 0:
+            self.micro_step = step * self.micro_batches_per_step
+        else:
+            raise ValueError(
+                f"data state is {rest} micro-batches into global step {step}; a different micro-batch/dp layout "
+                "can only resume on a global-step boundary"
+            )
+
+    def stats(self) -> Dict[str, Any]:
+        idx = self.dataset.index
+        return {
+            "samples": self._counts["samples"],
+            "skipped": dict(self._skipped),
+            "skipped_total": sum(self._skipped.values()),
+            "invalid": dict(idx.invalid),
+            "invalid_total": sum(idx.invalid.values()),
+            "cache_hits": self._counts["cache_hits"],
+            "cache_misses": self._counts["cache_misses"],
+            "audio_chunked": self._counts["audio_chunked"],
+            "audio_capped": self._counts["audio_capped"],
+            "decodes": dict(self._decodes),
+            "errors": list(idx.errors) + list(self._errors),
+            "epoch_len": self.epoch_len,
+            "micro_step": self.micro_step,
+        }
+
+
+def build_dataset(data_cfg: Any, model_cfg: Any, processor) -> ProcessedDataset:
+    model_config = _plain(getattr(model_cfg, "config", None) or {})
+    ids = token_ids(processor.tokenizer, model_config)
+    settings = Settings.from_config(data_cfg, model_config)
+    builder = SampleBuilder(processor, ids, settings)
+    index = build_index(data_cfg)
+    cache = SampleCache(data_cfg.cache_dir, processor_fingerprint(processor, settings)) if data_cfg.cache_dir else None
+    return ProcessedDataset(index, builder, cache)
+
+
+def build_loader(
+    data_cfg: Any,
+    model_cfg: Any,
+    processor,
+    *,
+    seed: int,
+    micro_batch_size: int,
+    global_batch_size: int,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+) -> OmniLoader:
+    """Endless micro-batches for this dp rank (see module and sampler docs)."""
+    dataset = build_dataset(data_cfg, model_cfg, processor)
+    return OmniLoader(
+        dataset,
+        seed=seed,
+        micro_batch_size=micro_batch_size,
+        global_batch_size=global_batch_size,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        num_workers=data_cfg.num_workers,
+        prefetch_factor=getattr(data_cfg, "prefetch_factor", 2),
+        weights=None if data_cfg.weights is None else list(data_cfg.weights),
+        on_error=data_cfg.on_error,
+    )
+
+
+def _plain(x: Any) -> Dict[str, Any]:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(x, DictConfig):
+            return OmegaConf.to_container(x, resolve=True)
+    except ImportError:
+        pass
+    return dict(x)

@@ -1,0 +1,354 @@
+"""One `Example` -> one processed sample: decode each media file once, run the
+HF front ends (image/video processor, Whisper features), lay out tokens.
+
+The processed sample holds 1-D `input_ids`/`labels` and per-sample media
+tensors in order of appearance; `collate` batches them. Token counts are
+computed from the processed features (grid sizes, mel lengths), so the
+placeholders always match what the encoders output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from omnitrain.data.errors import DataError
+from omnitrain.data.formats import Example
+from omnitrain.data.media import load_audio, load_image, load_video
+from omnitrain.data.processor import DEFAULT_SYSTEM, TokenIds
+from omnitrain.data.template import MediaRef, interleave_video_audio, plan_media, render
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything besides the example that decides the processed sample."""
+
+    image_min_pixels: int = 3136
+    image_max_pixels: int = 12544
+    video_min_pixels: int = 3136
+    video_max_pixels: int = 6272
+    video_fps: float = 2.0
+    video_max_frames: int = 16
+    video_min_frames: int = 2
+    max_audio_seconds: Optional[float] = None
+    long_audio: str = "chunk"
+    cutoff_len: int = 2048
+    train_on_prompt: bool = False
+    mask_history: bool = False
+    system: Optional[str] = None
+    use_audio_in_video: bool = False
+    position_id_per_seconds: float = 25.0
+    seconds_per_chunk: float = 2.0
+
+    @classmethod
+    def from_config(cls, data_cfg: Any, model_config: Optional[dict] = None) -> "Settings":
+        mc = dict(model_config or {})
+        return cls(
+            image_min_pixels=data_cfg.image_min_pixels,
+            image_max_pixels=data_cfg.image_max_pixels,
+            video_min_pixels=data_cfg.video_min_pixels,
+            video_max_pixels=data_cfg.video_max_pixels,
+            video_fps=float(data_cfg.video_fps),
+            video_max_frames=data_cfg.video_max_frames,
+            video_min_frames=data_cfg.video_min_frames,
+            max_audio_seconds=data_cfg.max_audio_seconds,
+            long_audio=data_cfg.long_audio,
+            cutoff_len=data_cfg.cutoff_len,
+            train_on_prompt=data_cfg.train_on_prompt,
+            mask_history=data_cfg.mask_history,
+            system=data_cfg.system,
+            use_audio_in_video=data_cfg.use_audio_in_video,
+            position_id_per_seconds=float(mc.get("position_id_per_seconds", 25)),
+            seconds_per_chunk=float(mc.get("seconds_per_chunk", 2.0)),
+        )
+
+
+def audio_output_length(n_frames: int) -> int:
+    """Mel frames -> audio encoder outputs (two stride-2 stages, as HF computes)."""
+    n = (n_frames - 1) // 2 + 1
+    return (n - 2) // 2 + 1
+
+
+@dataclass
+class _Media:
+    """Decoded media of one sample, keyed by path (decode once per sample)."""
+
+    images: Dict[str, Any] = field(default_factory=dict)
+    videos: Dict[str, Any] = field(default_factory=dict)
+    audios: Dict[str, np.ndarray] = field(default_factory=dict)
+    decoded: List[str] = field(default_factory=list)
+
+
+class SampleBuilder:
+    def __init__(self, processor, ids: TokenIds, settings: Settings):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_processor = processor.image_processor
+        self.video_processor = processor.video_processor
+        self.fe = processor.feature_extractor
+        self.ids = ids
+        self.s = settings
+        self.sr = int(self.fe.sampling_rate)
+        self.window = int(self.fe.n_samples)  # samples one feature call covers
+        self.merge = int(self.image_processor.merge_size)
+        self.vmerge = int(self.video_processor.merge_size)
+        self.temporal_patch = int(self.video_processor.temporal_patch_size)
+
+    # -- public -------------------------------------------------------------
+
+    def __call__(self, ex: Example, dataset_uiv: Optional[bool] = None) -> Dict[str, Any]:
+        try:
+            return self._build(ex, dataset_uiv)
+        except DataError as e:
+            raise e.at(ex.dataset, ex.index) from None
+
+    def resolve_uiv(self, ex: Example, dataset_uiv: Optional[bool]) -> bool:
+        """Sample field > dataset_info entry > data.use_audio_in_video."""
+        for v in (ex.use_audio_in_video, dataset_uiv):
+            if v is not None:
+                return bool(v)
+        return bool(self.s.use_audio_in_video)
+
+    # -- steps --------------------------------------------------------------
+
+    def _build(self, ex: Example, dataset_uiv: Optional[bool]) -> Dict[str, Any]:
+        uiv = self.resolve_uiv(ex, dataset_uiv) and bool(ex.videos)
+        refs = plan_media(ex.turns, uiv)
+        media = self._decode(ex, refs)
+        stats = {"audio_chunked": 0, "audio_capped": 0}
+
+        images, image_grids = [], []
+        videos, video_grids, spg = [], [], []
+        audio_feats: List[torch.Tensor] = []
+        placeholder_ids: List[List[int]] = []
+        image_cache: Dict[str, Any] = {}
+        for ref in refs:
+            if ref.kind == "image":
+                path = ex.images[ref.index]
+                if path not in image_cache:
+                    image_cache[path] = self._image_features(media.images[path], path)
+                pv, grid = image_cache[path]
+                images.append(pv)
+                image_grids.append(grid)
+                n = int(grid.prod()) // self.merge**2
+                placeholder_ids.append([self.ids.vision_bos] + [self.ids.image] * n + [self.ids.vision_eos])
+            elif ref.kind == "video":
+                path = ex.videos[ref.index]
+                clip = media.videos[path]
+                pv, grid = self._video_features(clip.frames, path)
+                second_per_grid = self.temporal_patch * clip.seconds_per_frame
+                videos.append(pv)
+                video_grids.append(grid)
+                spg.append(second_per_grid)
+                if not uiv:
+                    n = int(grid.prod()) // self.vmerge**2
+                    placeholder_ids.append([self.ids.vision_bos] + [self.ids.video] * n + [self.ids.vision_eos])
+                    continue
+                if ref.paired_audio is not None:
+                    apath = ex.audios[ref.paired_audio]
+                    wave = media.audios[apath]
+                else:
+                    apath = path
+                    wave = clip.audio
+                    if wave is None:
+                        raise DataError(
+                            "use_audio_in_video is true but the video has no audio track; set use_audio_in_video=false "
+                            "for this sample or put <audio> right after <video> with an audio file",
+                            file=path,
+                            reason="no_audio_track",
+                        )
+                wave = self._cap(wave, apath, stats)
+                if len(wave) > self.window:
+                    raise DataError(
+                        f"audio of the video is {len(wave) / self.sr:.1f} s, longer than the feature extractor's "
+                        f"{self.window / self.sr:.0f} s window; set data.max_audio_seconds or use_audio_in_video=false",
+                        file=apath,
+                        reason="audio_too_long",
+                    )
+                feat = self._audio_features([wave])[0]
+                audio_feats.append(feat)
+                block = interleave_video_audio(
+                    grid.tolist(),
+                    self.vmerge,
+                    second_per_grid,
+                    audio_output_length(feat.shape[-1]),
+                    self.ids,
+                    self.s.position_id_per_seconds,
+                    self.s.seconds_per_chunk,
+                )
+                placeholder_ids.append([self.ids.vision_bos] + block + [self.ids.vision_eos])
+            else:
+                if ref.absorbed:
+                    placeholder_ids.append([])
+                    continue
+                path = ex.audios[ref.index]
+                wave = self._cap(media.audios[path], path, stats)
+                segments = self._segments(wave, path, stats)
+                ids: List[int] = []
+                for feat in self._audio_features(segments):
+                    audio_feats.append(feat)
+                    n = audio_output_length(feat.shape[-1])
+                    ids += [self.ids.audio_bos] + [self.ids.audio] * n + [self.ids.audio_eos]
+                placeholder_ids.append(ids)
+
+        system = ex.system if ex.system is not None else self.s.system
+        if system is None:
+            system = DEFAULT_SYSTEM
+        input_ids, labels, spans = render(
+            ex.turns,
+            system,
+            placeholder_ids,
+            self._encode,
+            train_on_prompt=self.s.train_on_prompt,
+            mask_history=self.s.mask_history,
+        )
+        input_ids, labels = self._fit(input_ids, labels, spans, ex)
+
+        out: Dict[str, Any] = {
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "use_audio_in_video": uiv,
+            "audio_features": audio_feats,
+            "meta": {"dataset": ex.dataset, "index": ex.index, "decoded": media.decoded, **stats},
+        }
+        if images:
+            out["pixel_values"] = torch.cat(images)
+            out["image_grid_thw"] = torch.stack(image_grids)
+        if videos:
+            out["pixel_values_videos"] = torch.cat(videos)
+            out["video_grid_thw"] = torch.stack(video_grids)
+            out["video_second_per_grid"] = torch.tensor(spg, dtype=torch.float32)
+        return out
+
+    def _decode(self, ex: Example, refs: List[MediaRef]) -> _Media:
+        """Each distinct file once; a video's soundtrack in the same pass."""
+        m = _Media()
+        want_track = {ex.videos[r.index] for r in refs if r.kind == "video" and r.own_track}
+        for ref in refs:
+            if ref.kind == "image":
+                path = ex.images[ref.index]
+                if path not in m.images:
+                    m.images[path] = load_image(path)
+                    m.decoded.append(path)
+            elif ref.kind == "video":
+                path = ex.videos[ref.index]
+                if path not in m.videos:
+                    m.videos[path] = load_video(
+                        path,
+                        fps=self.s.video_fps,
+                        max_frames=self.s.video_max_frames,
+                        min_frames=self.s.video_min_frames,
+                        multiple=self.temporal_patch,
+                        audio_sr=self.sr if path in want_track else None,
+                    )
+                    m.decoded.append(path)
+                if ref.paired_audio is not None:
+                    self._load_audio(m, ex.audios[ref.paired_audio])
+            elif not ref.absorbed:
+                self._load_audio(m, ex.audios[ref.index])
+        return m
+
+    def _load_audio(self, m: _Media, path: str) -> None:
+        if path not in m.audios:
+            m.audios[path] = load_audio(path, self.sr)
+            m.decoded.append(path)
+
+    def _image_features(self, image, path: str):
+        try:
+            out = self.image_processor(
+                images=[image],
+                size={"shortest_edge": self.s.image_min_pixels, "longest_edge": self.s.image_max_pixels},
+                return_tensors="pt",
+            )
+        except Exception as e:
+            raise DataError(f"image processor failed: {e}", file=path, reason="corrupt_media") from None
+        return out["pixel_values"], out["image_grid_thw"][0]
+
+    def _video_features(self, frames: np.ndarray, path: str):
+        try:
+            out = self.video_processor(
+                videos=[frames],
+                size={"shortest_edge": self.s.video_min_pixels, "longest_edge": self.s.video_max_pixels},
+                do_sample_frames=False,
+                cap_pixels_per_frame=False,
+                return_tensors="pt",
+            )
+        except Exception as e:
+            raise DataError(f"video processor failed: {e}", file=path, reason="corrupt_media") from None
+        return out["pixel_values_videos"], out["video_grid_thw"][0]
+
+    def _cap(self, wave: np.ndarray, path: str, stats: Dict[str, int]) -> np.ndarray:
+        cap = self.s.max_audio_seconds
+        if cap is not None and len(wave) > cap * self.sr:
+            stats["audio_capped"] += 1
+            return wave[: int(cap * self.sr)]
+        return wave
+
+    def _segments(self, wave: np.ndarray, path: str, stats: Dict[str, int]) -> List[np.ndarray]:
+        """Audio longer than the extractor's window -> several windows (never a silent cut)."""
+        if len(wave) == 0:
+            raise DataError("audio is empty", file=path, reason="corrupt_media")
+        if len(wave) <= self.window:
+            return [wave]
+        if self.s.long_audio != "chunk":
+            raise DataError(
+                f"audio is {len(wave) / self.sr:.1f} s, longer than the feature extractor's {self.window / self.sr:.0f} s "
+                "window; set data.long_audio=chunk or data.max_audio_seconds",
+                file=path,
+                reason="audio_too_long",
+            )
+        stats["audio_chunked"] += 1
+        n = math.ceil(len(wave) / self.window)
+        return [wave[i * self.window : (i + 1) * self.window] for i in range(n)]
+
+    def _audio_features(self, waves: List[np.ndarray]) -> List[torch.Tensor]:
+        """Log-mel features trimmed to their valid frames, (128, n_frames) each.
+
+        Each clip is padded only to its length + one FFT window instead of the
+        full 30 s (or 300 s) window: the valid frames and the clip's max (the
+        log-mel normaliser) are the same either way, at a fraction of the cost.
+        """
+        hop, n_fft = int(self.fe.hop_length), int(self.fe.n_fft)
+        out = []
+        for w in waves:
+            pad_to = min(self.window, -(-(len(w) + n_fft) // hop) * hop)
+            f = self.fe(
+                w,
+                sampling_rate=self.sr,
+                padding="max_length",
+                max_length=pad_to,
+                truncation=True,
+                return_attention_mask=True,
+                return_tensors="pt",
+            )
+            n = int(f["attention_mask"][0].sum())
+            out.append(f["input_features"][0, :, :n].contiguous())
+        return out
+
+    def _encode(self, text: str) -> List[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _fit(self, input_ids: List[int], labels: List[int], spans, ex: Example):
+        """cutoff_len: cut trailing text only; never a media token."""
+        limit = self.s.cutoff_len
+        if len(input_ids) > limit:
+            media_end = max((end for _, end in spans), default=0)
+            if media_end > limit:
+                raise DataError(
+                    f"needs {len(input_ids)} tokens and its media end at token {media_end}, over "
+                    f"cutoff_len={limit}; raise data.cutoff_len or lower the media resolution",
+                    file=(ex.images + ex.videos + ex.audios or [None])[0],
+                    reason="too_long",
+                )
+            input_ids, labels = input_ids[:limit], labels[:limit]
+        if all(l == -100 for l in labels[1:]):
+            raise DataError(
+                f"no label tokens left (cutoff_len={limit}, {len(input_ids)} tokens)",
+                file=(ex.images + ex.videos + ex.audios or [None])[0],
+                reason="no_labels",
+            )
+        return input_ids, labels

@@ -1,0 +1,179 @@
+"""Point-to-point transfer of a *bundle*: an ordered dict of named tensors.
+
+What crosses a pipeline cut in an omni model (hidden states, encoder outputs,
+3-D position ids, masks, grids, lengths) changes in number, shape and dtype
+from one micro-batch to the next. `torch.distributed.pipelining` cannot carry
+that: it needs fixed, pre-declared shapes per stage and tensors or tuples, not
+named dicts (with varying shapes it aborts or silently corrupts data). So a
+bundle goes as:
+
+1. a fixed-size int64 header (`HEADER_WORDS` words): a magic number, a
+   3-int key chosen by the caller (the executor sends kind, micro-batch,
+   stage), the tensor count, then per tensor its name (UTF-8, packed 8 bytes
+   per word), dtype code, requires-grad flag, ndim and shape;
+2. each tensor's bytes (contiguous, viewed as uint8; empty tensors send
+   nothing).
+
+A fixed-size header can be received without knowing anything about the
+bundle, and sending raw bytes sidesteps backends that lack bool or bfloat16.
+Peers are ranks *within* `group`. Messages between one pair of ranks are
+matched in order, so a receiver must take bundles from a peer in the order
+they were sent (the executor keeps ones it does not need yet).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, NamedTuple
+
+import torch
+import torch.distributed as dist
+
+HEADER_WORDS = 512  # 4 KiB; a Qwen2.5-Omni cut needs ~150 words
+_MAGIC = 0x6F6D6E69  # "omni"
+_DTYPES = (
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+    torch.complex64,
+)
+_CODE = {dt: i for i, dt in enumerate(_DTYPES)}
+
+Key = tuple[int, int, int]
+
+
+class TensorMeta(NamedTuple):
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    requires_grad: bool
+
+
+def encode_header(bundle: Mapping[str, torch.Tensor], key: Key = (0, 0, 0)) -> torch.Tensor:
+    words = [_MAGIC, *key, len(bundle)]
+    for name, t in bundle.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"bundle entry {name!r} is a {type(t).__name__}, not a tensor")
+        if t.dtype not in _CODE:
+            raise TypeError(f"bundle entry {name!r} has dtype {t.dtype}, which p2p cannot send")
+        raw = name.encode()
+        words.append(len(raw))
+        for i in range(0, len(raw), 8):
+            words.append(int.from_bytes(raw[i : i + 8].ljust(8, b"\0"), "little", signed=True))
+        words += [_CODE[t.dtype], int(t.requires_grad), t.dim(), *t.shape]
+    if len(words) > HEADER_WORDS:
+        raise ValueError(
+            f"bundle header needs {len(words)} words, more than HEADER_WORDS={HEADER_WORDS}: "
+            f"send fewer tensors or shorter names ({list(bundle)})"
+        )
+    return torch.tensor(words + [0] * (HEADER_WORDS - len(words)), dtype=torch.int64)
+
+
+def decode_header(header: torch.Tensor) -> tuple[Key, list[TensorMeta]]:
+    w = header.tolist()
+    if w[0] != _MAGIC:
+        raise RuntimeError(f"p2p: received a header with magic {w[0]:#x}: peers are out of step")
+    key, count, i = (w[1], w[2], w[3]), w[4], 5
+    metas = []
+    for _ in range(count):
+        n = w[i]
+        nw = (n + 7) // 8
+        raw = b"".join(x.to_bytes(8, "little", signed=True) for x in w[i + 1 : i + 1 + nw])[:n]
+        i += 1 + nw
+        dtype, grad, ndim = _DTYPES[w[i]], bool(w[i + 1]), w[i + 2]
+        shape = tuple(w[i + 3 : i + 3 + ndim])
+        i += 3 + ndim
+        metas.append(TensorMeta(raw.decode(), dtype, shape, grad))
+    return key, metas
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _global(group, peer: int) -> int:
+    return peer if group is None else dist.get_global_rank(group, peer)
+
+
+class SendHandle:
+    """Outstanding sends of one bundle; keeps the buffers alive until done."""
+
+    def __init__(self, works: list, buffers: list[torch.Tensor]):
+        self._works = works
+        self._buffers = buffers
+
+    def is_completed(self) -> bool:
+        return all(w.is_completed() for w in self._works)
+
+    def wait(self) -> None:
+        for w in self._works:
+            w.wait()
+        self._buffers = []
+
+
+def isend_bundle(
+    bundle: Mapping[str, torch.Tensor],
+    dst: int,
+    *,
+    group=None,
+    key: Key = (0, 0, 0),
+    device: torch.device | None = None,
+) -> SendHandle:
+    """Start sending `bundle` to group rank `dst`; returns at once."""
+    if device is None:
+        device = next(iter(bundle.values())).device if bundle else torch.device("cpu")
+    peer = _global(group, dst)
+    header = encode_header(bundle, key).to(device)
+    buffers = [header] + [_as_bytes(t) for t in bundle.values() if t.numel()]
+    works = [dist.isend(b, peer, group=group) for b in buffers]
+    return SendHandle(works, buffers)
+
+
+def send_bundle(bundle: Mapping[str, torch.Tensor], dst: int, *, group=None, key: Key = (0, 0, 0), device=None) -> None:
+    isend_bundle(bundle, dst, group=group, key=key, device=device).wait()
+
+
+class RecvHandle:
+    """A bundle being received: the header receive is posted at creation; `wait()` does the rest."""
+
+    def __init__(self, src: int, group, device: torch.device):
+        self._peer = _global(group, src)
+        self._group = group
+        self._device = device
+        self._header = torch.empty(HEADER_WORDS, dtype=torch.int64, device=device)
+        self._work = dist.irecv(self._header, self._peer, group=group)
+
+    def wait(self) -> tuple[Key, dict[str, torch.Tensor]]:
+        self._work.wait()
+        key, metas = decode_header(self._header)
+        out, works = {}, []
+        for m in metas:
+            nbytes = torch.Size(m.shape).numel() * m.dtype.itemsize
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=self._device)
+            if nbytes:
+                works.append(dist.irecv(buf, self._peer, group=self._group))
+            out[m.name] = (buf, m)
+        for w in works:
+            w.wait()
+        bundle = {}
+        for name, (buf, m) in out.items():
+            t = buf.view(m.dtype).reshape(m.shape)
+            if m.requires_grad and (t.is_floating_point() or t.is_complex()):
+                t.requires_grad_(True)
+            bundle[name] = t
+        return key, bundle
+
+
+def irecv_bundle(src: int, *, group=None, device: torch.device | None = None) -> RecvHandle:
+    """Post the receive of the next bundle from group rank `src`."""
+    return RecvHandle(src, group, device or torch.device("cpu"))
+
+
+def recv_bundle(src: int, *, group=None, device: torch.device | None = None) -> tuple[Key, dict[str, torch.Tensor]]:
+    return irecv_bundle(src, group=group, device=device).wait()

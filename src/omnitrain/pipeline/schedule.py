@@ -1,0 +1,248 @@
+"""Pipeline schedules as pure per-rank action lists, and a simulator.
+
+An action is (op, micro-batch, stage): op "F" runs a stage's forward on one
+micro-batch, "B" its backward. Communication is implied by the action and is
+what `omnitrain.pipeline.executor` does:
+
+- F on a stage other than the first first receives the activations of the
+  previous stage; F on a stage other than the last then sends its outputs on.
+- B on a stage other than the last first receives the output grads from the
+  next stage; B on a stage other than the first then sends its input grads back.
+- Sends never block (isend; the executor waits for them at the end of the
+  step). Receives block until the producing action has finished on the peer.
+  Messages that arrive before they are needed are kept, so the order of
+  messages on one link does not matter.
+
+Stage s runs on rank s % num_ranks: with one stage per rank that is rank s;
+with v virtual stages per rank (interleaved 1F1B) rank r holds stages
+r, r + p, ..., r + (v-1) p (the looping placement of Megatron-LM).
+
+`simulate` replays a schedule under exactly those rules, finds deadlocks, and
+reports the timeline and the peak number of micro-batches whose activations a
+rank holds (forwarded, not yet backwarded) - the memory a schedule costs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+
+class Action(NamedTuple):
+    op: str  # "F" | "B"
+    mb: int
+    stage: int
+
+    def __str__(self) -> str:
+        return f"{self.op}{self.mb}@{self.stage}"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    name: str
+    num_ranks: int
+    num_stages: int
+    num_microbatches: int
+    actions: tuple[tuple[Action, ...], ...]  # one list per rank, in execution order
+
+    def rank_of(self, stage: int) -> int:
+        return stage % self.num_ranks
+
+    def stages_of(self, rank: int) -> list[int]:
+        return list(range(rank, self.num_stages, self.num_ranks))
+
+
+def _check_sizes(p: int, m: int, v: int = 1) -> None:
+    if p < 1 or m < 1 or v < 1:
+        raise ValueError(f"need num_ranks >= 1, num_microbatches >= 1, virtual_stages >= 1; got {p}, {m}, {v}")
+
+
+def gpipe(p: int, m: int) -> Schedule:
+    """All forwards, then all backwards: peak in-flight m on every rank."""
+    _check_sizes(p, m)
+    acts = tuple(
+        tuple(Action("F", i, r) for i in range(m)) + tuple(Action("B", i, r) for i in range(m)) for r in range(p)
+    )
+    return Schedule("gpipe", p, p, m, acts)
+
+
+def _one_f_one_b(fwd: list[Action], bwd: list[Action], warmup: int) -> tuple[Action, ...]:
+    """Warm-up forwards, then alternate one forward / one backward, then drain."""
+    warmup = min(warmup, len(fwd))
+    out = fwd[:warmup]
+    for i in range(len(fwd) - warmup):
+        out += [fwd[warmup + i], bwd[i]]
+    out += bwd[len(fwd) - warmup :]
+    return tuple(out)
+
+
+def one_f_one_b(p: int, m: int) -> Schedule:
+    """1F1B (PipeDream-flush): rank r holds at most min(m, p - r) micro-batches."""
+    _check_sizes(p, m)
+    acts = tuple(
+        _one_f_one_b(
+            [Action("F", i, r) for i in range(m)], [Action("B", i, r) for i in range(m)], warmup=p - r - 1
+        )
+        for r in range(p)
+    )
+    return Schedule("1f1b", p, p, m, acts)
+
+
+def _groups(m: int, p: int) -> list[int]:
+    """Split m micro-batches into rounds of at least p (when m >= p), larger rounds first.
+
+    Megatron-LM walks rounds of exactly p and so needs m % p == 0; rounds of
+    p with a short last round deadlock. Rounds of >= p with the warm-up sized
+    by the first (largest) round are deadlock-free for every m (see tests).
+    """
+    k = max(1, m // p)
+    q, rem = divmod(m, k)
+    return [q + (1 if i < rem else 0) for i in range(k)]
+
+
+def interleaved_1f1b(p: int, m: int, v: int) -> Schedule:
+    """Interleaved 1F1B with v virtual stages per rank (after Megatron-LM).
+
+    Each rank walks the micro-batches in rounds: all its chunks for one round
+    (chunk 0 for every mb of the round, then chunk 1, ...) before the next
+    round; backwards walk the chunks in reverse. The bubble shrinks v-fold
+    (in time, for the same total work) at the cost of v times more messages
+    and a warm-up of (v-1) x round + 2 (p-1-r) chunk activations.
+    """
+    _check_sizes(p, m, v)
+    sizes = _groups(m, p)
+    order = []
+    start = 0
+    for size in sizes:
+        for c in range(v):
+            order += [(mb, c) for mb in range(start, start + size)]
+        start += size
+    acts = []
+    for r in range(p):
+        fwd = [Action("F", mb, c * p + r) for mb, c in order]
+        bwd = [Action("B", mb, (v - 1 - c) * p + r) for mb, c in order]
+        acts.append(_one_f_one_b(fwd, bwd, warmup=interleaved_warmup(p, m, v, r)))
+    return Schedule("interleaved_1f1b", p, p * v, m, tuple(acts))
+
+
+def interleaved_warmup(p: int, m: int, v: int, rank: int) -> int:
+    """Forward chunks `rank` runs before its first backward; its peak in-flight is min(this + 1, m v)."""
+    return min((v - 1) * _groups(m, p)[0] + 2 * (p - 1 - rank), m * v)
+
+
+def build(name: str, num_ranks: int, num_microbatches: int, virtual_stages: int = 1) -> Schedule:
+    if name == "gpipe":
+        return gpipe(num_ranks, num_microbatches)
+    if name == "1f1b":
+        return one_f_one_b(num_ranks, num_microbatches)
+    if name == "interleaved_1f1b":
+        return interleaved_1f1b(num_ranks, num_microbatches, virtual_stages)
+    raise ValueError(f"unknown pipeline schedule {name!r}: use gpipe, 1f1b or interleaved_1f1b")
+
+
+# --------------------------------------------------------------------------- simulator
+
+
+class DeadlockError(RuntimeError):
+    """No rank can make progress; the message says what each stuck rank waits for."""
+
+
+@dataclass(frozen=True)
+class SimResult:
+    makespan: float
+    peak_in_flight: tuple[int, ...]  # per rank: max (micro-batch, stage) pairs forwarded, not yet backwarded
+    timeline: tuple[tuple[tuple[float, float, Action], ...], ...]  # per rank: (start, end, action)
+    busy: tuple[float, ...]  # per rank: compute time
+
+    @property
+    def bubble(self) -> tuple[float, ...]:
+        return tuple(self.makespan - b for b in self.busy)
+
+
+def check(schedule: Schedule) -> None:
+    """Every (micro-batch, stage) has one F and one B, on the stage's rank, F first."""
+    s = schedule
+    if len(s.actions) != s.num_ranks:
+        raise ValueError(f"{s.name}: {len(s.actions)} action lists for {s.num_ranks} ranks")
+    seen = set()
+    for r, acts in enumerate(s.actions):
+        for a in acts:
+            if a.op not in ("F", "B") or not 0 <= a.mb < s.num_microbatches or not 0 <= a.stage < s.num_stages:
+                raise ValueError(f"{s.name}: rank {r} has an invalid action {a}")
+            if s.rank_of(a.stage) != r:
+                raise ValueError(f"{s.name}: {a} is on rank {r}, but stage {a.stage} runs on rank {s.rank_of(a.stage)}")
+            if a in seen:
+                raise ValueError(f"{s.name}: {a} appears twice")
+            if a.op == "B" and Action("F", a.mb, a.stage) not in seen:
+                raise ValueError(f"{s.name}: rank {r} runs {a} before its forward")
+            seen.add(a)
+    want = 2 * s.num_microbatches * s.num_stages
+    if len(seen) != want:
+        raise ValueError(f"{s.name}: {len(seen)} actions, expected {want}")
+
+
+def _needs(a: Action, num_stages: int) -> Action | None:
+    """The action on another stage whose message `a` waits for, if any."""
+    if a.op == "F":
+        return Action("F", a.mb, a.stage - 1) if a.stage > 0 else None
+    return Action("B", a.mb, a.stage + 1) if a.stage < num_stages - 1 else None
+
+
+def simulate(
+    schedule: Schedule,
+    *,
+    fwd: float | Sequence[float] = 1.0,
+    bwd: float | Sequence[float] = 2.0,
+    latency: float = 0.0,
+) -> SimResult:
+    """Replay `schedule` with per-stage forward/backward costs; raise DeadlockError if it hangs.
+
+    `latency` is added to every message between different ranks.
+    """
+    check(schedule)
+    n = schedule.num_stages
+    f = [fwd] * n if isinstance(fwd, (int, float)) else list(fwd)
+    b = [bwd] * n if isinstance(bwd, (int, float)) else list(bwd)
+    p = schedule.num_ranks
+    done: dict[Action, float] = {}
+    pos = [0] * p
+    clock = [0.0] * p
+    in_flight = [0] * p
+    peak = [0] * p
+    timeline: list[list[tuple[float, float, Action]]] = [[] for _ in range(p)]
+    progress = True
+    while progress:
+        progress = False
+        for r in range(p):
+            acts = schedule.actions[r]
+            while pos[r] < len(acts):
+                a = acts[pos[r]]
+                dep = _needs(a, n)
+                ready = clock[r]
+                if dep is not None:
+                    if dep not in done:
+                        break
+                    hop = latency if schedule.rank_of(dep.stage) != r else 0.0
+                    ready = max(ready, done[dep] + hop)
+                end = ready + (f[a.stage] if a.op == "F" else b[a.stage])
+                done[a] = end
+                clock[r] = end
+                timeline[r].append((ready, end, a))
+                in_flight[r] += 1 if a.op == "F" else -1
+                peak[r] = max(peak[r], in_flight[r])
+                pos[r] += 1
+                progress = True
+    stuck = [r for r in range(p) if pos[r] < len(schedule.actions[r])]
+    if stuck:
+        waits = "; ".join(
+            f"rank {r} at {schedule.actions[r][pos[r]]} waits for {_needs(schedule.actions[r][pos[r]], n)}"
+            for r in stuck
+        )
+        raise DeadlockError(f"{schedule.name} (p={p}, m={schedule.num_microbatches}) deadlocks: {waits}")
+    busy = tuple(sum(e - s for s, e, _ in tl) for tl in timeline)
+    return SimResult(
+        makespan=max(clock),
+        peak_in_flight=tuple(peak),
+        timeline=tuple(tuple(tl) for tl in timeline),
+        busy=busy,
+    )

@@ -1,0 +1,180 @@
+"""The training loop, run by every rank.
+
+One optimizer step = global_batch_size samples. Each rank draws the
+micro-batches of its data-parallel slice; a pipeline runs them through its
+schedule, a single stage runs forward+backward per micro-batch (gradient
+accumulation). Every micro-batch loss is normalised by the label tokens of
+the whole global batch, so the step's loss and gradients do not depend on
+the layout or on micro_batch_size.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from omnitrain import device
+from omnitrain.models.qwen25_omni import Segments
+from omnitrain.train.metrics import MetricsLogger
+from omnitrain.train.optim import build_optimizer, build_scheduler, clip_grad_norm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens: int
+    step_time_s: float
+    extra: dict = field(default_factory=dict)
+
+
+class Trainer:
+    """Holds what one rank needs: its stage of the model, optimizer, data."""
+
+    def __init__(self, cfg, *, dist_ctx=None):
+        self.cfg = cfg
+        self.dev_info = device.detect(cfg.train.device)
+        self.dev = self.dev_info.torch_device(device.local_rank())
+        self.ctx = dist_ctx  # parallel.context.ParallelContext or None for one process
+        self.adapter = instantiate(cfg.model, _convert_="all")
+        self.segs = self._segments()
+        device.manual_seed_all(cfg.train.seed)
+        self.model = self.adapter.build(self.segs, self.dev, cfg.train.seed)
+        self.params = [p for _, p in self.adapter.local_parameters(self.model)]
+        self.optimizer = build_optimizer(self.params, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        self.dtype = {"fp32": None, "bf16": torch.bfloat16}[cfg.train.dtype]
+        self.loader = None
+        self.step = 0
+
+    # ---- layout -------------------------------------------------------------
+    @property
+    def dp_rank(self) -> int:
+        return self.ctx.dp_rank if self.ctx else 0
+
+    @property
+    def dp_size(self) -> int:
+        return self.ctx.dp_size if self.ctx else 1
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.ctx.is_logging_rank if self.ctx else True
+
+    def _segments(self) -> list[Segments]:
+        if self.ctx is None or self.ctx.num_stages == 1:
+            return [Segments.whole(self.adapter.depths)]
+        return [Segments.from_plan(p) for p in self.ctx.stage_plans]
+
+    @property
+    def num_microbatches(self) -> int:
+        t = self.cfg.train
+        return t.global_batch_size // (t.micro_batch_size * self.dp_size)
+
+    # ---- data ---------------------------------------------------------------
+    def build_data(self):
+        from omnitrain.data import build_loader, load_processor
+
+        processor = load_processor(self.cfg.model)
+        t = self.cfg.train
+        self.loader = build_loader(
+            self.cfg.data,
+            self.cfg.model,
+            processor,
+            seed=t.seed,
+            micro_batch_size=t.micro_batch_size,
+            global_batch_size=t.global_batch_size,
+            dp_rank=self.dp_rank,
+            dp_size=self.dp_size,
+        )
+        return self.loader
+
+    # ---- one step -----------------------------------------------------------
+    def _to_device(self, mb: dict) -> dict:
+        return {k: v.to(self.dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
+
+    def forward(self, mb: dict, inputs: dict, num_label_tokens):
+        with device.autocast(self.dev, self.dtype):
+            return self.adapter.stage_forward(self.model, self.segs[0], mb, inputs, num_label_tokens)
+
+    def train_step(self, micro_batches: list[dict]) -> StepResult:
+        t0 = time.perf_counter()
+        micro_batches = [self._to_device(mb) for mb in micro_batches]
+        n_label = sum(self.adapter.count_label_tokens(mb) for mb in micro_batches)
+        tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
+        if self.ctx is not None:
+            n_label, tokens = self.ctx.dp_sum_ints(n_label, tokens)
+        if n_label == 0:
+            raise RuntimeError(f"step {self.step + 1}: the global batch has no label tokens; check data.train_on_prompt and the data")
+        extra = {}
+        if self.ctx is None or self.ctx.num_stages == 1:
+            loss = torch.zeros((), dtype=torch.float32)
+            for mb in micro_batches:
+                mb_loss = self.forward(mb, {}, n_label)
+                mb_loss.backward()
+                loss += mb_loss.detach().float().cpu()
+        else:
+            loss, extra = self.ctx.run_pipeline(self, micro_batches, n_label)
+        if self.ctx is not None:
+            self.ctx.reduce_grads(self.params)
+            loss = self.ctx.reduce_loss(loss)
+        grad_norm = clip_grad_norm(self.params, self.cfg.optim.grad_clip, group=self.ctx.grad_norm_group if self.ctx else None)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        device.synchronize(self.dev)
+        self.step += 1
+        return StepResult(float(loss), float(grad_norm), lr, tokens, time.perf_counter() - t0, extra)
+
+    # ---- the run ------------------------------------------------------------
+    def fit(self, run_dir: str | Path) -> list[dict]:
+        cfg = self.cfg.train
+        if self.loader is None:
+            self.build_data()
+        it = iter(self.loader)
+        logger = MetricsLogger(run_dir, cfg.steps, enabled=self.is_logging_rank, progress=cfg.progress)
+        peak = device.peak_flops(self.dev) * (self.ctx.world_size if self.ctx else 1)
+        rows = []
+        try:
+            while self.step < cfg.steps:
+                mbs = [next(it) for _ in range(self.num_microbatches)]
+                res = self.train_step(mbs)
+                row = {
+                    "step": self.step,
+                    "loss": res.loss,
+                    "grad_norm": res.grad_norm,
+                    "lr": res.lr,
+                    "tokens": res.tokens,
+                    "step_time_s": res.step_time_s,
+                    "tokens_per_s": res.tokens / res.step_time_s,
+                    "mfu": (self.adapter.flops_per_token() * res.tokens / res.step_time_s / peak) if peak else 0.0,
+                    "peak_mem_gib": device.peak_memory_bytes(self.dev) / 2**30,
+                    **res.extra,
+                }
+                rows.append(row)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    logger.log(row)
+                logger.advance()
+        finally:
+            logger.close()
+        stats = getattr(self.loader, "stats", None)
+        if stats is not None and self.is_logging_rank:
+            s = stats()
+            if s.get("skipped"):
+                log.warning("data: skipped %s samples (%s)", s["skipped"], s)
+        return rows
+
+
+def save_resolved_config(cfg, run_dir: str | Path) -> None:
+    path = Path(run_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))

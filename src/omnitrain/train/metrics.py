@@ -1,0 +1,65 @@
+"""Per-step metrics: one JSON line per logged step, one readable stdout line,
+and a progress bar on long runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+# Runs at least this long get a progress bar (on stderr, only on a terminal).
+PROGRESS_MIN_STEPS = 50
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | Path, total_steps: int, *, enabled: bool = True, progress: bool = True):
+        self.enabled = enabled
+        self.total = total_steps
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._file = None
+        self._bar = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Append: a resumed run continues the same file.
+        self._file = open(self.path, "a", buffering=1)
+        if progress and total_steps >= PROGRESS_MIN_STEPS and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, leave=False)
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(row, allow_nan=True) + "\n")
+        line = format_row(row, self.total)
+        if self._bar is not None:
+            self._bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._file is not None:
+            self._file.close()
+
+
+def format_row(row: dict, total: int) -> str:
+    width = len(str(total))
+    parts = [f"step {row['step']:>{width}}/{total}", f"loss {row['loss']:.4f}"]
+    if math.isfinite(row.get("grad_norm", float("nan"))):
+        parts.append(f"gnorm {row['grad_norm']:.3f}")
+    parts.append(f"lr {row['lr']:.2e}")
+    parts.append(f"{row['tokens_per_s']:,.0f} tok/s")
+    parts.append(f"{row['step_time_s']:.2f} s")
+    if row.get("mfu"):
+        parts.append(f"mfu {row['mfu']:.1%}")
+    if "bubble" in row:
+        parts.append(f"bubble {row['bubble']:.0%}")
+    return " | ".join(parts)

@@ -1,0 +1,59 @@
+"""AdamW, warmup + cosine schedule, and global-norm gradient clipping."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+
+def build_optimizer(params, cfg) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters this rank owns.
+
+    A stage whose modules are all frozen owns no trainable parameter: it gets
+    an optimizer over an empty group, whose step is a no-op, instead of failing.
+    """
+    if cfg.name != "adamw":
+        raise ValueError(f"optim.name={cfg.name!r}: only adamw is supported")
+    params = [p for p in params if p.requires_grad]
+    return torch.optim.AdamW(
+        [{"params": params}],
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        foreach=False,  # identical math whatever the parameter grouping
+    )
+
+
+def lr_lambda(step: int, *, warmup: int, total: int, min_ratio: float, kind: str) -> float:
+    """LR multiplier at `step` (0-based): linear warmup, then cosine to min_ratio."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer, cfg, total_steps: int):
+    def fn(step: int) -> float:
+        return lr_lambda(step, warmup=cfg.warmup_steps, total=total_steps, min_ratio=cfg.min_lr_ratio, kind=cfg.scheduler)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def clip_grad_norm(params, max_norm: float, group=None) -> torch.Tensor:
+    """Global grad norm over all ranks of `group` (pipeline stages, shards),
+    then scale every gradient by the same factor. Returns the norm before clipping."""
+    params = [p for p in params if p.grad is not None]
+    grads = [p.grad for p in params]
+    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        sq = norm.detach().float().pow(2).cpu()
+        dist.all_reduce(sq, group=group)
+        norm = sq.sqrt()
+    if max_norm > 0 and grads:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm.to(grads[0].device))
+    return norm.detach().float().cpu()

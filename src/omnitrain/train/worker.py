@@ -1,0 +1,30 @@
+"""What each rank runs: set up torch.distributed when the layout has more
+than one process, build the trainer for this rank's stage, train."""
+
+from __future__ import annotations
+
+from omnitrain import device, launch
+from omnitrain.train.loop import Trainer, save_resolved_config
+
+
+def worker(cfg, make_loader=None) -> list[dict]:
+    """`make_loader(dp_rank, dp_size)`, if given, replaces the configured data
+    (tests feed synthetic micro-batches through the real loop this way)."""
+    ctx = None
+    if launch.in_distributed_env():
+        from hydra.utils import instantiate
+
+        from omnitrain.parallel.context import ParallelContext
+
+        launch.init_distributed(device.detect(cfg.train.device), timeout_s=cfg.parallel.timeout_s)
+        ctx = ParallelContext.build(cfg, instantiate(cfg.model, _convert_="all").depths)
+    try:
+        trainer = Trainer(cfg, dist_ctx=ctx)
+        if make_loader is not None:
+            trainer.loader = make_loader(trainer.dp_rank, trainer.dp_size)
+        if ctx is None or ctx.is_logging_rank:
+            save_resolved_config(cfg, cfg.train.output_dir)
+        return trainer.fit(cfg.train.output_dir)
+    finally:
+        if ctx is not None:
+            launch.destroy()

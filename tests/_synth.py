@@ -1,0 +1,108 @@
+"""Synthetic samples and micro-batches with the exact layout the data pipeline
+produces, so model and parallel tests run without decoding media. Sequence
+length, image/video grids and audio lengths vary per sample like real data,
+and every sample is generated from its own index: any grouping of samples
+into micro-batches (any layout) sees the same data.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IMAGE, VIDEO, AUDIO = 151655, 151656, 151646
+V_START, V_END, A_START, A_END = 151652, 151653, 151647, 151648
+IM_START, IM_END, PAD = 151644, 151645, 151643
+PATCH_DIM, MEL = 1176, 128
+
+KINDS = [
+    dict(image=(1, 4, 4)),
+    dict(audio=180),
+    dict(video=(2, 4, 4), text=8),
+    dict(image=(1, 4, 8), audio=240, text=16),
+    dict(text=20),
+    dict(image=(1, 8, 4), video=(2, 4, 8), audio=120),
+]
+
+
+def _audio_tokens(frames: int) -> int:
+    return ((frames - 1) // 2 + 1 - 2) // 2 + 1
+
+
+def sample(index: int, *, image=None, video=None, audio=None, text=12, vocab=150000) -> dict:
+    """One sample: image/video = (t,h,w) patch grid, audio = mel frames."""
+    g = torch.Generator().manual_seed(1000 + index)
+    ids = [IM_START] + torch.randint(0, vocab, (3,), generator=g).tolist()
+    s = {}
+    if image is not None:
+        ids += [V_START] + [IMAGE] * (image[0] * image[1] * image[2] // 4) + [V_END]
+        s["image"] = (image, torch.randn(image[0] * image[1] * image[2], PATCH_DIM, generator=g))
+    if video is not None:
+        ids += [V_START] + [VIDEO] * (video[0] * video[1] * video[2] // 4) + [V_END]
+        s["video"] = (video, torch.randn(video[0] * video[1] * video[2], PATCH_DIM, generator=g))
+    if audio is not None:
+        ids += [A_START] + [AUDIO] * _audio_tokens(audio) + [A_END]
+        s["audio"] = torch.randn(MEL, audio, generator=g)
+    prompt = len(ids) + 4
+    ids += torch.randint(0, vocab, (2,), generator=g).tolist() + [IM_END, IM_START]
+    ids += torch.randint(0, vocab, (text,), generator=g).tolist() + [IM_END]
+    s["ids"], s["labels"] = ids, [-100] * prompt + ids[prompt:]
+    return s
+
+
+def collate(samples: list[dict]) -> dict:
+    B, S = len(samples), max(len(s["ids"]) for s in samples)
+    mb = {
+        "input_ids": torch.full((B, S), PAD, dtype=torch.long),
+        "attention_mask": torch.zeros((B, S), dtype=torch.long),
+        "labels": torch.full((B, S), -100, dtype=torch.long),
+    }
+    for b, s in enumerate(samples):
+        n = len(s["ids"])
+        mb["input_ids"][b, :n] = torch.tensor(s["ids"])
+        mb["labels"][b, :n] = torch.tensor(s["labels"])
+        mb["attention_mask"][b, :n] = 1
+    for kind, pix, grid in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):
+        items = [s[kind] for s in samples if kind in s]
+        if items:
+            mb[pix] = torch.cat([p for _, p in items])
+            mb[grid] = torch.tensor([g for g, _ in items])
+            if kind == "video":
+                mb["video_second_per_grid"] = torch.full((len(items),), 1.0)
+    auds = [s["audio"] for s in samples if "audio" in s]
+    if auds:
+        T = max(a.shape[1] for a in auds)
+        mb["input_features"] = torch.zeros(len(auds), MEL, T)
+        mb["feature_attention_mask"] = torch.zeros(len(auds), T, dtype=torch.long)
+        for i, a in enumerate(auds):
+            mb["input_features"][i, :, : a.shape[1]] = a
+            mb["feature_attention_mask"][i, : a.shape[1]] = 1
+    mb["use_audio_in_video"] = torch.zeros(B, dtype=torch.bool)
+    return mb
+
+
+def samples(n: int, offset: int = 0) -> list[dict]:
+    return [sample(i, **KINDS[i % len(KINDS)]) for i in range(offset, offset + n)]
+
+
+def micro_batches(n: int, batch: int = 1) -> list[dict]:
+    s = samples(n * batch)
+    return [collate(s[i * batch : (i + 1) * batch]) for i in range(n)]
+
+
+class SynthLoader:
+    """Same contract as omnitrain.data.build_loader: global step k uses samples
+    [k*G, (k+1)*G); dp rank r takes its slice, in micro-batches."""
+
+    def __init__(self, *, global_batch_size, micro_batch_size, dp_rank=0, dp_size=1, kinds=None):
+        self.G, self.mbs, self.r, self.dp = global_batch_size, micro_batch_size, dp_rank, dp_size
+        self.kinds = kinds or KINDS
+
+    def __iter__(self):
+        k = 0
+        per_rank = self.G // self.dp
+        while True:
+            start = k * self.G + self.r * per_rank
+            ss = [sample(i, **self.kinds[i % len(self.kinds)]) for i in range(start, start + per_rank)]
+            for j in range(0, per_rank, self.mbs):
+                yield collate(ss[j : j + self.mbs])
+            k += 1

@@ -1,0 +1,177 @@
+"""The executor reproduces a single-process run: losses and every gradient.
+
+A toy 4-block model whose cuts carry what an omni model's cuts carry: float
+tensors whose length changes per micro-batch, int ids, a bool mask, a tensor
+passed through unchanged over two blocks, one that depends on no input (only
+on parameters), and one the next block ignores (its grad is None -> zeros).
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from omnitrain.pipeline import schedule as sched
+from omnitrain.pipeline.executor import run_pipeline
+from _dist import run_workers
+
+D, V = 8, 11
+
+
+def make_model() -> nn.ModuleDict:
+    torch.manual_seed(0)
+    return nn.ModuleDict(
+        {
+            "lin0": nn.Linear(D, D),
+            "skip": nn.Linear(D, D),
+            "lin1": nn.Linear(D, D),
+            "emb1": nn.Embedding(V, D),
+            "bias1": nn.Linear(1, D),
+            "lin2": nn.Linear(D, D),
+            "lin3": nn.Linear(D, 1),
+        }
+    )
+
+
+BLOCK_PARAMS = [("lin0", "skip"), ("lin1", "emb1", "bias1"), ("lin2",), ("lin3",)]
+
+
+def make_data(m: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(m)
+    data = []
+    for i in range(m):
+        n = 3 + (5 * i) % 7  # sequence length changes per micro-batch
+        data.append(
+            {
+                "x": torch.randn(n, D, generator=g),
+                "ids": torch.randint(0, V, (n,), generator=g),
+                "target": torch.randn(n, generator=g),
+            }
+        )
+    return data
+
+
+def block(k: int, model, x: dict, raw: dict, m: int):
+    if k == 0:
+        return {
+            "h": torch.tanh(model["lin0"](raw["x"])),
+            "skip": model["skip"](raw["x"]),
+            "ids": raw["ids"],
+            "mask": raw["ids"] % 3 != 0,
+        }
+    if k == 1:
+        h = torch.tanh(model["lin1"](x["h"])) + model["emb1"](x["ids"])
+        n = x["ids"].shape[0]
+        return {
+            "h": h,
+            "bias": model["bias1"](torch.ones(n, 1)),  # depends on parameters only
+            "unused": h * 2,  # block 2 ignores it
+            "skip": x["skip"],  # passed through unchanged
+            "ids": x["ids"],
+            "mask": x["mask"],
+        }
+    if k == 2:
+        h = torch.tanh(model["lin2"](x["h"] + x["bias"])) * x["mask"][:, None]
+        return {"h": h, "skip": x["skip"]}
+    y = model["lin3"](x["h"] + x["skip"]).squeeze(-1)
+    return ((y - raw["target"]) ** 2).mean() / m
+
+
+class ToyStage:
+    def __init__(self, blocks, model, data, m):
+        self.blocks, self.model, self.data, self.m = blocks, model, data, m
+
+    def forward(self, mb, inputs):
+        x = inputs
+        for k in self.blocks:
+            x = block(k, self.model, x, self.data[mb], self.m)
+        return x
+
+
+def reference(m: int):
+    model, data = make_model(), make_data(m)
+    losses = []
+    for mb in range(m):
+        x = {}
+        for k in range(4):
+            x = block(k, model, x, data[mb], m)
+        x.backward()
+        losses.append(x.detach())
+    return losses, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _grads(model, blocks):
+    names = {n for k in blocks for n in BLOCK_PARAMS[k]}
+    return {n: p.grad.clone() for n, p in model.named_parameters() if n.split(".")[0] in names}
+
+
+def _pipelined(rank, world, runs):
+    out = []
+    for name, m, v in runs:
+        s = sched.build(name, world, m, v)
+        model, data = make_model(), make_data(m)
+        stages = s.stages_of(rank)
+        per_stage = 4 // s.num_stages  # toy blocks per (virtual) stage
+        objs = {st: ToyStage(range(st * per_stage, (st + 1) * per_stage), model, data, m) for st in stages}
+        res = run_pipeline(
+            s.actions[rank],
+            objs,
+            prev_rank=(rank - 1) % world,
+            next_rank=(rank + 1) % world,
+            group=None,
+            num_microbatches=m,
+            num_stages=s.num_stages,
+        )
+        blocks = [b for st in stages for b in objs[st].blocks]
+        out.append((res.losses, _grads(model, blocks), sorted(res.forward_s)))
+    return out
+
+
+def _close(a, b):
+    return (a - b).abs().max().item() <= 1e-6 * max(b.abs().max().item(), 1e-12)
+
+
+RUNS = {
+    1: [("interleaved_1f1b", 4, 4)],  # four virtual stages on one rank: local hand-over
+    2: [(n, m, 1) for n in ("gpipe", "1f1b") for m in range(4, 9)] + [("interleaved_1f1b", m, 2) for m in (4, 5)],
+    4: [(n, m, 1) for n in ("gpipe", "1f1b") for m in range(4, 9)],
+}
+
+
+@pytest.mark.parametrize("p", sorted(RUNS))
+def test_pipeline_matches_single_process(p):
+    results = run_workers(_pipelined, p, RUNS[p])
+    for i, (name, m, v) in enumerate(RUNS[p]):
+        ref_losses, ref_grads = reference(m)
+        s = sched.build(name, p, m, v)
+        seen = set()
+        for rank in range(p):
+            losses, grads, stages = results[rank][i]
+            assert stages == s.stages_of(rank)
+            if rank == s.rank_of(s.num_stages - 1):
+                assert len(losses) == m
+                assert all(_close(a, b) for a, b in zip(losses, ref_losses)), (name, m)
+            else:
+                assert losses == []
+            for n, g in grads.items():
+                assert _close(g, ref_grads[n]), (name, m, rank, n)
+            seen |= set(grads)
+        assert seen == set(ref_grads), (name, m)
+
+
+def _stage_errors(rank, world):
+    s = sched.one_f_one_b(2, 2)
+
+    class Bad:
+        def forward(self, mb, inputs):
+            return torch.ones(2, requires_grad=True)  # not a scalar on the last stage
+
+    class First:
+        def forward(self, mb, inputs):
+            return {"h": torch.ones(2, requires_grad=True)}
+
+    run_pipeline(s.actions[rank], Bad() if rank else First(), prev_rank=0, next_rank=1, num_microbatches=2)
+
+
+def test_a_failing_rank_fails_cleanly():
+    with pytest.raises(AssertionError, match="last stage must return a scalar loss"):
+        run_workers(_stage_errors, 2)

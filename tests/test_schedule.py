@@ -1,0 +1,89 @@
+import pytest
+
+from omnitrain.pipeline.schedule import (
+    Action,
+    DeadlockError,
+    Schedule,
+    build,
+    check,
+    gpipe,
+    interleaved_1f1b,
+    interleaved_warmup,
+    one_f_one_b,
+    simulate,
+)
+
+PS = range(1, 9)
+MS = range(1, 17)
+F, B = 1.0, 2.0
+
+
+@pytest.mark.parametrize("p", PS)
+def test_gpipe_and_1f1b_are_deadlock_free_and_bounded(p):
+    for m in MS:
+        g = simulate(gpipe(p, m), fwd=F, bwd=B)
+        assert g.peak_in_flight == (m,) * p
+        assert g.makespan == (m + p - 1) * (F + B)
+        s = simulate(one_f_one_b(p, m), fwd=F, bwd=B)
+        assert s.peak_in_flight == tuple(min(m, p - r) for r in range(p)), (p, m)
+        assert s.makespan == (m + p - 1) * (F + B)  # same bubble as GPipe, less memory
+
+
+@pytest.mark.parametrize("p", PS)
+def test_interleaved_is_deadlock_free_bounded_and_no_slower(p):
+    for m in MS:
+        plain = simulate(one_f_one_b(p, m), fwd=F, bwd=B).makespan
+        for v in (2, 3, 4):
+            # A chunk is 1/v of a rank's layers: same total work as plain 1F1B.
+            r = simulate(interleaved_1f1b(p, m, v), fwd=F / v, bwd=B / v)
+            assert r.peak_in_flight == tuple(min(interleaved_warmup(p, m, v, k) + 1, m * v) for k in range(p))
+            assert r.makespan <= plain + 1e-9, (p, m, v)
+            if m >= p:  # bubble (p-1)(f+b)/v: v times smaller than 1F1B's
+                assert r.makespan == pytest.approx((m + (p - 1) / v) * (F + B)), (p, m, v)
+
+
+def test_stage_placement():
+    s = interleaved_1f1b(4, 8, 2)
+    assert s.num_stages == 8 and s.stages_of(1) == [1, 5]
+    assert {a.stage for a in s.actions[1]} == {1, 5}
+    assert build("1f1b", 4, 8).actions[3][:2] == (Action("F", 0, 3), Action("B", 0, 3))
+    with pytest.raises(ValueError, match="unknown pipeline schedule"):
+        build("zb", 4, 8)
+
+
+def test_a_deadlocking_schedule_is_caught():
+    # Rank 0 backprops mb 0 before forwarding mb 1, rank 1 wants mb 1 first.
+    bad = Schedule(
+        "bad",
+        2,
+        2,
+        2,
+        (
+            (Action("F", 0, 0), Action("B", 0, 0), Action("F", 1, 0), Action("B", 1, 0)),
+            (Action("F", 0, 1), Action("F", 1, 1), Action("B", 0, 1), Action("B", 1, 1)),
+        ),
+    )
+    with pytest.raises(DeadlockError, match=r"rank 0 at B0@0 waits for B0@1; rank 1 at F1@1 waits for F1@0"):
+        simulate(bad)
+
+
+def test_malformed_schedules_are_rejected():
+    def sched(r0, r1=()):
+        return Schedule("x", 2, 2, 1, (tuple(r0), tuple(r1)))
+
+    ok1 = (Action("F", 0, 1), Action("B", 0, 1))
+    with pytest.raises(ValueError, match="before its forward"):
+        check(sched([Action("B", 0, 0), Action("F", 0, 0)], ok1))
+    with pytest.raises(ValueError, match="runs on rank 1"):
+        check(sched([Action("F", 0, 1), Action("B", 0, 1)], ok1))
+    with pytest.raises(ValueError, match="appears twice"):
+        check(sched([Action("F", 0, 0), Action("F", 0, 0), Action("B", 0, 0)], ok1))
+    with pytest.raises(ValueError, match="expected 4"):
+        check(sched([Action("F", 0, 0)], ok1))
+
+
+def test_timeline_and_bubble():
+    r = simulate(one_f_one_b(4, 8), fwd=F, bwd=B)
+    assert [a for _, _, a in r.timeline[3][:2]] == [Action("F", 0, 3), Action("B", 0, 3)]
+    assert r.timeline[3][0][0] == 3 * F  # the last rank waits for three forwards
+    assert r.bubble == (3 * (F + B),) * 4
