@@ -2,7 +2,7 @@
 
 Stages with fixed per-micro-batch costs (sleeps: on a shared 2-core machine
 real compute would measure the scheduler, not the schedule) run through the
-real executor and p2p on forked gloo workers. For GPipe and 1F1B the ideal
+real executor and p2p on forked CPU workers. For GPipe and 1F1B the ideal
 step is (m + p - 1) x (f + b); interleaved 1F1B with v chunks per rank does
 the same work in (m + (p - 1) / v) x (f + b).
 
@@ -37,25 +37,25 @@ class _Sleep(torch.autograd.Function):
 
 
 class SleepStage:
-    def __init__(self, fwd_s: float, bwd_s: float, last: bool):
-        self.fwd_s, self.bwd_s, self.last = fwd_s, bwd_s, last
+    def __init__(self, fwd_s: float, bwd_s: float, last: bool, kib: int):
+        self.fwd_s, self.bwd_s, self.last, self.kib = fwd_s, bwd_s, last, kib
 
     def forward(self, mb, inputs):
         x = inputs.get("h")
         if x is None:
-            x = torch.zeros(64, 256, requires_grad=True)  # ~64 KiB of "activations"
+            x = torch.zeros(self.kib, 256, requires_grad=True)  # the "activations" sent on
         y = _Sleep.apply(x, self.fwd_s, self.bwd_s)
-        return y.sum() if self.last else {"h": y, "mb": torch.tensor([mb])}
+        return y.sum() if self.last else {"h": y}
 
 
-def _worker(names, m, fwd_s, bwd_s, v, steps):
+def _worker(names, m, fwd_s, bwd_s, v, steps, kib):
     rank, p = launch.init_distributed(device.detect("cpu"), timeout_s=60)
     out = {}
     for name in names:
         s = sched.build(name, p, m, v if name == "interleaved_1f1b" else 1)
         k = s.num_stages // p  # chunks per rank: each does 1/k of the rank's work
         stages = {
-            st: SleepStage(fwd_s / k, bwd_s / k, st == s.num_stages - 1) for st in s.stages_of(rank)
+            st: SleepStage(fwd_s / k, bwd_s / k, st == s.num_stages - 1, kib) for st in s.stages_of(rank)
         }
         times, idle = [], []
         for step in range(steps + 1):  # step 0 warms up connections
@@ -87,17 +87,18 @@ def main() -> None:
     ap.add_argument("--bwd-ms", type=float, default=40)
     ap.add_argument("--virtual-stages", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--kib", type=int, default=64, help="activations per micro-batch (p2p: <= 64 KiB in one message)")
     ap.add_argument("--schedules", default="gpipe,1f1b,interleaved_1f1b")
     a = ap.parse_args()
     names = a.schedules.split(",")
     f, b = a.fwd_ms / 1e3, a.bwd_ms / 1e3
-    res = launch.launch(_worker, a.p, names, a.m, f, b, a.virtual_stages, a.steps, layout="bench_schedule")
+    res = launch.launch(_worker, a.p, names, a.m, f, b, a.virtual_stages, a.steps, a.kib, layout="bench_schedule")
     for name in names:
         measured, idle = res[name]
         bubble = (a.p - 1) / (a.virtual_stages if name == "interleaved_1f1b" else 1)
         ideal = (a.m + bubble) * (f + b)
         print(
-            f"{name:17s} p={a.p} m={a.m}: step {measured * 1e3:6.1f} ms, ideal {ideal * 1e3:6.1f} ms, "
+            f"{name:17s} p={a.p} m={a.m} {a.kib} KiB: step {measured * 1e3:6.1f} ms, ideal {ideal * 1e3:6.1f} ms, "
             f"rank-0 idle {idle * 1e3:5.1f} ms, schedule_efficiency={ideal / measured:.3f}"
         )
 

@@ -64,7 +64,7 @@ def _worker(rank: int, world_size: int, port: int, fn, args, conn) -> None:
 
 
 def run_workers(fn, world_size: int, *args, timeout_s: float = PG_TIMEOUT_S + 30) -> list:
-    """Run `fn(rank, world_size, *args)` on `world_size` forked gloo ranks; return results by rank."""
+    """Run `fn(rank, world_size, *args)` on `world_size` forked CPU ranks; return results by rank."""
     ctx = get_context("fork")
     port = _free_port()
     procs, conns = [], []
@@ -95,8 +95,10 @@ def run_workers(fn, world_size: int, *args, timeout_s: float = PG_TIMEOUT_S + 30
         # Peers of a failed rank normally fail within ~2 s; do not wait for the backstop.
         if first_error_at is not None and time.monotonic() - first_error_at > 10:
             break
+    grace = time.monotonic() + (2 if len(results) == world_size else 0.2)  # finished ranks exit at once
     for p in procs:
-        p.join(timeout=2)
+        p.join(timeout=max(0.0, grace - time.monotonic()))
+    for p in procs:
         if p.is_alive():
             p.kill()
             p.join()

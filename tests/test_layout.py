@@ -65,7 +65,8 @@ def test_rule_list_length():
 
 def test_rule_sum_equals_depth():
     bad(
-        r"parallel\.pp\.layers\.llm=\[0, 7, 12, 8\] sums to 27, but the model has 28 llm layers: make the entries sum to 28",
+        r"parallel\.pp\.layers\.llm=\[0, 7, 12, 8\] sums to 27, but the model has 28 llm layers: "
+        r"make the entries sum to 28",
         {**HETERO, "llm": [0, 7, 12, 8]},
     )
 
@@ -111,8 +112,10 @@ def test_rule_null_layers_needs_one_stage():
 
 
 def test_rule_missing_and_unknown_modules():
-    bad(r"parallel\.pp\.layers\.audio is missing: the model has 32 audio layers", {"vision": [32, 0], "llm": [0, 28]}, pp=2)
-    bad(r"parallel\.pp\.layers\.talker: unknown module; this model has vision, audio, llm", {**HETERO, "talker": [1, 0, 0, 0]})
+    no_audio = {"vision": [32, 0], "llm": [0, 28]}
+    bad(r"parallel\.pp\.layers\.audio is missing: the model has 32 audio layers", no_audio, pp=2)
+    talker = {**HETERO, "talker": [1, 0, 0, 0]}
+    bad(r"parallel\.pp\.layers\.talker: unknown module; this model has vision, audio, llm", talker)
 
 
 def test_rule_schedule_and_virtual_stages():

@@ -8,7 +8,8 @@ from _dist import run_workers
 def _bundle(i: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(i)
     n = 3 + 4 * i  # a different length every time
-    return {
+    big = {"big": torch.randn(20000, generator=g)} if i == 1 else {}  # over EAGER_BYTES: a second message
+    return big | {
         "hidden_states": torch.randn(1, n, 5, generator=g).requires_grad_(True),
         "position_ids": torch.arange(3 * n).reshape(3, 1, n),
         "attention_mask": torch.rand(1, n, generator=g) > 0.3,
@@ -89,3 +90,16 @@ def _in_subgroup(rank, world):
 
 def test_peers_are_group_ranks():
     assert run_workers(_in_subgroup, 3)[2] == 5
+
+
+def _hang(rank, world):
+    if rank == 1:
+        import time
+
+        time.sleep(30)
+    return p2p.recv_bundle(1) if rank == 0 else None
+
+
+def test_a_hanging_rank_is_reported():
+    with pytest.raises(AssertionError, match=r"ranks \[0, 1\] of 2 hung"):
+        run_workers(_hang, 2, timeout_s=3)

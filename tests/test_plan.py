@@ -79,7 +79,7 @@ def test_count_params_groups_by_prefix():
     m.model.audio_tower = nn.Linear(3, 3)  # 12
     m.model.language_model = nn.Module()
     m.model.language_model.embed_tokens = nn.Embedding(10, 4)  # 40
-    m.model.language_model.layers = nn.ModuleList([nn.Linear(4, 4, bias=False)] * 1)  # 16
+    m.model.language_model.layers = nn.ModuleList([nn.Linear(4, 4, bias=False)])  # 16
     m.model.language_model.norm = nn.LayerNorm(4, bias=False)  # 4
     m.lm_head = nn.Linear(4, 10, bias=False)
     m.lm_head.weight = m.model.language_model.embed_tokens.weight  # tied: counted once

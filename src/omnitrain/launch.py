@@ -176,10 +176,11 @@ def _launch_local(fn: Callable[..., Any], nprocs: int, args: tuple, timeout_s: f
         config.logs_specs = DefaultLogsSpecs(log_dir=str(Path(tmp) / "elastic"))
         err_dir = Path(tmp) / "errors"
         err_dir.mkdir()
+        (Path(tmp) / "started").mkdir()
         threads = _worker_threads(nprocs)
         try:
             with _quiet_elastic():
-                results = elastic_launch(config, _worker)(fn, str(err_dir), threads, *args)
+                results = elastic_launch(config, _worker)(fn, tmp, nprocs, threads, timeout_s, *args)
         except ChildFailedError as e:
             raise _first_failure(e, err_dir, nprocs) from None
         except SignalException as e:
@@ -202,8 +203,9 @@ def _worker_threads(nprocs: int) -> int:
     return max(1, cores // nprocs)
 
 
-def _worker(fn: Callable[..., Any], err_dir: str, threads: int, *args: Any) -> Any:
+def _worker(fn: Callable[..., Any], tmp: str, nprocs: int, threads: int, timeout_s: float, *args: Any) -> Any:
     """Body of every local worker: record the first error where the parent finds it."""
+    _wait_for_siblings(Path(tmp) / "started", nprocs, timeout_s)
     # Die on SIGTERM at once, even inside a blocking collective, instead of
     # raising elastic's SignalException once the call returns.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -223,7 +225,7 @@ def _worker(fn: Callable[..., Any], err_dir: str, threads: int, *args: Any) -> A
             # Drop this wrapper's frame: the traceback starts in fn.
             "traceback": "".join(traceback.format_exception(type(e), e, e.__traceback__.tb_next)),
         }
-        path = Path(err_dir) / f"rank{record['rank']}.json"
+        path = Path(tmp) / "errors" / f"rank{record['rank']}.json"
         path.with_suffix(".tmp").write_text(json.dumps(record))
         path.with_suffix(".tmp").rename(path)
         raise
@@ -231,6 +233,22 @@ def _worker(fn: Callable[..., Any], err_dir: str, threads: int, *args: Any) -> A
     # gone can block, and the process exits anyway.
     destroy()
     return result
+
+
+def _wait_for_siblings(started: Path, nprocs: int, timeout_s: float) -> None:
+    """Return once every local worker has been forked.
+
+    While a worker talks to the parent's store, a store thread there may hold
+    glibc's resolver lock; a child forked at that moment inherits it locked
+    and deadlocks in its first getaddrinfo. So nobody connects until the
+    parent is done forking.
+    """
+    (started / os.environ.get("LOCAL_RANK", "0")).touch()
+    deadline = time.monotonic() + timeout_s
+    while sum(1 for _ in started.iterdir()) < nprocs:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {sum(1 for _ in started.iterdir())} of {nprocs} local workers started in {timeout_s} s")
+        time.sleep(0.005)
 
 
 def _first_failure(e: ChildFailedError, err_dir: Path, nprocs: int) -> WorkerFailed:

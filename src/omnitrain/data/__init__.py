@@ -9,7 +9,7 @@ Public API:
 """
 
 from omnitrain.data.collate import collate, count_label_tokens
-from omnitrain.data.config import DataConfig
+from omnitrain.data.config import DataConfig, quote_dataset_lists
 from omnitrain.data.errors import DataError
 from omnitrain.data.loader import OmniLoader, build_dataset, build_loader
 from omnitrain.data.processor import load_processor, token_ids
@@ -23,5 +23,6 @@ __all__ = [
     "collate",
     "count_label_tokens",
     "load_processor",
+    "quote_dataset_lists",
     "token_ids",
 ]

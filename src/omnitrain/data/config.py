@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
 
 @dataclass
@@ -28,6 +28,9 @@ class DataConfig:
     # Default for datasets and samples that do not say (a dataset_info entry or
     # a sample may carry its own `use_audio_in_video`).
     use_audio_in_video: bool = False
+    # Per-dataset settings by name, e.g. {mllm_video_audio_demo: {use_audio_in_video: true}};
+    # they override dataset_info.json, and a sample's own field overrides both.
+    dataset_options: Dict[str, Any] = field(default_factory=dict)
     video_fps: float = 2.0
     video_max_frames: int = 16
     video_min_frames: int = 2
@@ -49,3 +52,24 @@ class DataConfig:
     system: Optional[str] = None
     # Folder for processed samples keyed by content + settings; null = no cache.
     cache_dir: Optional[str] = None
+
+
+_LIST_KEYS = ("data.dataset=", "+data.dataset=", "++data.dataset=")
+
+
+def quote_dataset_lists(argv: List[str]) -> List[str]:
+    """LLaMA-Factory's `data.dataset=a,b` -> `data.dataset='a,b'` for Hydra.
+
+    Hydra reads an unquoted comma list as a sweep and refuses it outside
+    --multirun; with --multirun/-m the sweep meaning is kept.
+    """
+    if any(a in ("-m", "--multirun") for a in argv):
+        return list(argv)
+    out = []
+    for a in argv:
+        key = next((k for k in _LIST_KEYS if a.startswith(k)), None)
+        value = a[len(key):] if key else ""
+        if key and "," in value and value[:1] not in "[\"'":
+            a = f"{key}'{value}'"
+        out.append(a)
+    return out

@@ -59,6 +59,7 @@ def build_index(data_cfg: Any) -> Index:
         )
     folder = paths.resolve(str(data_cfg.dataset_dir), key="data.dataset_dir")
     specs = resolve_specs(folder, names)
+    _apply_dataset_options(specs, dict(data_cfg.dataset_options or {}))
     index = Index(specs=specs, examples=[])
     for spec in specs:
         records = read_records(spec)
@@ -79,6 +80,27 @@ def build_index(data_cfg: Any) -> Index:
             f"no usable samples in {', '.join(names)} ({sum(index.invalid.values())} rejected)", reason="empty_dataset"
         )
     return index
+
+
+DATASET_OPTIONS = {"use_audio_in_video"}
+
+
+def _apply_dataset_options(specs, options: Dict[str, Any]) -> None:
+    by_name = {s.name: s for s in specs}
+    for name, opts in options.items():
+        if name not in by_name:
+            raise DataError(
+                f"data.dataset_options names {name!r}, which is not in data.dataset ({', '.join(by_name)})",
+                reason="bad_config",
+            )
+        bad = set(opts) - DATASET_OPTIONS
+        if bad:
+            raise DataError(
+                f"data.dataset_options.{name}: unknown option(s) {sorted(bad)}; known: {sorted(DATASET_OPTIONS)}",
+                reason="bad_config",
+            )
+        if "use_audio_in_video" in opts:
+            by_name[name].use_audio_in_video = bool(opts["use_audio_in_video"])
 
 
 class SampleCache:

@@ -30,7 +30,7 @@ MEDIA_KINDS = ("image", "video", "audio")
 
 # dataset_info.json keys this loader understands; anything else is an error
 # (a typo there must not silently drop a column).
-KNOWN_COLUMNS = {"messages", "system", "images", "videos", "audios", "tools", "use_audio_in_video"}
+KNOWN_COLUMNS = {"messages", "system", "images", "videos", "audios", "use_audio_in_video"}
 KNOWN_TAGS = {
     "role_tag",
     "content_tag",
@@ -144,7 +144,7 @@ def _spec_from_entry(name: str, entry: Dict[str, Any], dataset_dir: Path) -> Dat
     bad = set(columns) - KNOWN_COLUMNS
     if bad:
         raise DataError(
-            f"unknown column(s) {sorted(bad)} in {where}; known columns: {sorted(KNOWN_COLUMNS)}",
+            f"unknown or unsupported column(s) {sorted(bad)} in {where}; supported: {sorted(KNOWN_COLUMNS)}",
             dataset=name,
             file=str(where),
             reason="unknown_column",
@@ -217,9 +217,6 @@ def parse_record(spec: DatasetSpec, index: int, record: Any, check_files: bool =
     msg_col = columns["messages"]
     if msg_col not in record:
         raise err(f"column {msg_col!r} not in sample (keys: {sorted(record)}); fix `columns` in dataset_info.json", "unknown_column")
-    for key in ("images", "videos", "audios", "system"):
-        if key in spec.columns and spec.columns[key] not in record:
-            raise err(f"column {key}={spec.columns[key]!r} not in sample (keys: {sorted(record)})", "unknown_column")
     messages = record[msg_col]
     if not isinstance(messages, list) or not messages:
         raise err("empty conversation", "empty_conversation")

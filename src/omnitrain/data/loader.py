@@ -177,12 +177,14 @@ class OmniLoader:
 
     def stats(self) -> Dict[str, Any]:
         idx = self.dataset.index
+        skipped = Counter(idx.invalid) + self._skipped
         return {
-            "samples": self._counts["samples"],
-            "skipped": dict(self._skipped),
-            "skipped_total": sum(self._skipped.values()),
+            "samples": self._counts["samples"],  # real samples handed out
+            # by reason: rejected while indexing (once) + failed while loading (per use)
+            "skipped": dict(skipped),
+            "skipped_total": sum(skipped.values()),
             "invalid": dict(idx.invalid),
-            "invalid_total": sum(idx.invalid.values()),
+            "failed": dict(self._skipped),
             "cache_hits": self._counts["cache_hits"],
             "cache_misses": self._counts["cache_misses"],
             "audio_chunked": self._counts["audio_chunked"],

@@ -9,10 +9,8 @@ from omnitrain.data.errors import DataError
 
 # Qwen chat-template pieces (special tokens of the Qwen2 vocabulary).
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-DEFAULT_SYSTEM = (
-    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, "
-    "capable of perceiving auditory and visual inputs, as well as generating text and speech."
-)
+# The Qwen2.5-Omni chat template's own default system turn.
+DEFAULT_SYSTEM = "You are a helpful assistant."
 
 
 def load_processor(model_cfg: Any):

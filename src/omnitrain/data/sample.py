@@ -10,6 +10,7 @@ placeholders always match what the encoders output.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -73,6 +74,20 @@ def audio_output_length(n_frames: int) -> int:
     return (n - 2) // 2 + 1
 
 
+@contextmanager
+def _one_thread():
+    """Per-sample tensors are small: intra-op threads only add sync cost, and on
+    a busy host (training threads, other workers) it grows to ~100 ms per op."""
+    n = torch.get_num_threads()
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)
+
+
 @dataclass
 class _Media:
     """Decoded media of one sample, keyed by path (decode once per sample)."""
@@ -102,7 +117,8 @@ class SampleBuilder:
 
     def __call__(self, ex: Example, dataset_uiv: Optional[bool] = None) -> Dict[str, Any]:
         try:
-            return self._build(ex, dataset_uiv)
+            with _one_thread():
+                return self._build(ex, dataset_uiv)
         except DataError as e:
             raise e.at(ex.dataset, ex.index) from None
 
@@ -126,6 +142,7 @@ class SampleBuilder:
         audio_feats: List[torch.Tensor] = []
         placeholder_ids: List[List[int]] = []
         image_cache: Dict[str, Any] = {}
+        video_cache: Dict[str, Any] = {}
         for ref in refs:
             if ref.kind == "image":
                 path = ex.images[ref.index]
@@ -139,7 +156,9 @@ class SampleBuilder:
             elif ref.kind == "video":
                 path = ex.videos[ref.index]
                 clip = media.videos[path]
-                pv, grid = self._video_features(clip.frames, path)
+                if path not in video_cache:
+                    video_cache[path] = self._video_features(clip.frames, path)
+                pv, grid = video_cache[path]
                 second_per_grid = self.temporal_patch * clip.seconds_per_frame
                 videos.append(pv)
                 video_grids.append(grid)
@@ -169,7 +188,7 @@ class SampleBuilder:
                         file=apath,
                         reason="audio_too_long",
                     )
-                feat = self._audio_features([wave])[0]
+                feat = self._audio_features([wave], apath)[0]
                 audio_feats.append(feat)
                 block = interleave_video_audio(
                     grid.tolist(),
@@ -189,7 +208,7 @@ class SampleBuilder:
                 wave = self._cap(media.audios[path], path, stats)
                 segments = self._segments(wave, path, stats)
                 ids: List[int] = []
-                for feat in self._audio_features(segments):
+                for feat in self._audio_features(segments, path):
                     audio_feats.append(feat)
                     n = audio_output_length(feat.shape[-1])
                     ids += [self.ids.audio_bos] + [self.ids.audio] * n + [self.ids.audio_eos]
@@ -302,10 +321,12 @@ class SampleBuilder:
                 reason="audio_too_long",
             )
         stats["audio_chunked"] += 1
+        # Equal parts, so no part is a sliver the encoder would reduce to nothing.
         n = math.ceil(len(wave) / self.window)
-        return [wave[i * self.window : (i + 1) * self.window] for i in range(n)]
+        bounds = [round(i * len(wave) / n) for i in range(n + 1)]
+        return [wave[bounds[i] : bounds[i + 1]] for i in range(n)]
 
-    def _audio_features(self, waves: List[np.ndarray]) -> List[torch.Tensor]:
+    def _audio_features(self, waves: List[np.ndarray], path: str) -> List[torch.Tensor]:
         """Log-mel features trimmed to their valid frames, (128, n_frames) each.
 
         Each clip is padded only to its length + one FFT window instead of the
@@ -326,6 +347,8 @@ class SampleBuilder:
                 return_tensors="pt",
             )
             n = int(f["attention_mask"][0].sum())
+            if audio_output_length(n) < 1:
+                raise DataError(f"audio is too short ({1000 * len(w) / self.sr:.0f} ms)", file=path, reason="corrupt_media")
             out.append(f["input_features"][0, :, :n].contiguous())
         return out
 

@@ -39,10 +39,13 @@ def epoch_counts(sizes: Sequence[int], weights: Optional[Sequence[float]]) -> Li
 
 
 def epoch_order(
-    sizes: Tuple[int, ...], weights: Optional[Tuple[float, ...]], seed: int, epoch: int, shuffle: bool = True
-) -> List[Tuple[int, int]]:
-    """(dataset, sample) pairs of one epoch; the same for the same arguments."""
-    return list(_epoch_order(tuple(sizes), None if weights is None else tuple(weights), seed, epoch, shuffle))
+    sizes: Sequence[int], weights: Optional[Sequence[float]], seed: int, epoch: int, shuffle: bool = True
+) -> Tuple[Tuple[int, int], ...]:
+    """(dataset, sample) pairs of one epoch; the same for the same arguments.
+
+    Cached (a few epochs): the loader looks up one position at a time.
+    """
+    return _epoch_order(tuple(sizes), None if weights is None else tuple(weights), seed, epoch, shuffle)
 
 
 @lru_cache(maxsize=4)

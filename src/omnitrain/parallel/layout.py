@@ -89,7 +89,9 @@ def _check_schedule(pp_size: int, m: int, schedule: str, v: int) -> None:
             f"(got {schedule}): set virtual_stages=1 or change the schedule"
         )
     if m < 1:
-        raise ConfigError(f"{m} micro-batches per step: need >= 1 (train.global_batch_size / (train.micro_batch_size x dp))")
+        raise ConfigError(
+            f"{m} micro-batches per step: need >= 1 (train.global_batch_size / (train.micro_batch_size x dp))"
+        )
     # 1F1B and interleaved are correct for any m (the simulator proves it), but
     # with m < pp.size the warm-up never ends: the run is GPipe with a bubble
     # over half the step, so asking for 1F1B then is a configuration mistake.

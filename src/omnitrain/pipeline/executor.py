@@ -22,6 +22,7 @@ global label-token count): the executor sums nothing and scales nothing.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Mapping, Protocol, Sequence
@@ -29,6 +30,7 @@ from typing import Mapping, Protocol, Sequence
 import torch
 import torch.distributed as dist
 
+from omnitrain import device as omnitrain_device
 from omnitrain.pipeline import p2p
 from omnitrain.pipeline.schedule import Action
 
@@ -50,14 +52,42 @@ class PipelineResult:
 
 
 class _Mailbox:
-    """Receives bundles from peers in arrival order and hands them out by key."""
+    """Receives bundles from peers and hands them out by key.
 
-    def __init__(self, group, device: torch.device):
+    With `prefetch` (CPU), one thread per peer receives the step's bundles as
+    they come, so a transfer overlaps the compute before the action that
+    needs it: the CPU backend moves data only once the receive is posted, so
+    a receive posted only when needed costs a rendezvous on the critical
+    path. Accelerator backends need one op order per communicator, so there
+    the main thread receives, in action order.
+    """
+
+    def __init__(self, group, device: torch.device, expected: dict[int, int], prefetch: bool):
         self.group = group
         self.device = device
         self.me = dist.get_rank(group)
         self.kept: dict[tuple[int, p2p.Key], dict[str, torch.Tensor]] = {}
         self.sends: list[p2p.SendHandle] = []
+        self.cond = threading.Condition()
+        self.error: BaseException | None = None
+        self.threads = []
+        if prefetch:
+            for peer, n in expected.items():
+                t = threading.Thread(target=self._receive, args=(peer, n), daemon=True, name=f"pp-recv-{peer}")
+                t.start()
+                self.threads.append(t)
+
+    def _receive(self, src: int, n: int) -> None:
+        try:
+            for _ in range(n):
+                key, bundle = p2p.recv_bundle(src, group=self.group, device=self.device)
+                with self.cond:
+                    self.kept[(src, tuple(key))] = bundle
+                    self.cond.notify_all()
+        except BaseException as e:  # surfaces in the main thread's next recv
+            with self.cond:
+                self.error = e
+                self.cond.notify_all()
 
     def send(self, bundle: dict[str, torch.Tensor], dst: int, key: p2p.Key) -> None:
         if dst == self.me:  # two stages of one rank (interleaved, 1 rank): hand over locally
@@ -69,19 +99,43 @@ class _Mailbox:
         self.sends = [h for h in self.sends if not h.is_completed()]
 
     def recv(self, src: int, key: p2p.Key) -> dict[str, torch.Tensor]:
-        while (src, key) not in self.kept:
-            if src == self.me:
+        if src == self.me:
+            if (src, key) not in self.kept:
                 raise RuntimeError(f"pipeline: local bundle {key} was never produced")
-            got, bundle = p2p.recv_bundle(src, group=self.group, device=self.device)
-            self.kept[(src, tuple(got))] = bundle
-        return self.kept.pop((src, key))
+        elif self.threads:
+            with self.cond:
+                self.cond.wait_for(lambda: (src, key) in self.kept or self.error is not None)
+                if (src, key) not in self.kept:
+                    raise RuntimeError(f"pipeline: receiving from rank {src} failed") from self.error
+        else:
+            while (src, key) not in self.kept:
+                got, bundle = p2p.recv_bundle(src, group=self.group, device=self.device)
+                self.kept[(src, tuple(got))] = bundle
+        with self.cond:
+            return self.kept.pop((src, key))
 
     def finish(self) -> None:
         for h in self.sends:
             h.wait()
         self.sends = []
+        for t in self.threads:
+            t.join()
+        if self.error is not None:
+            raise RuntimeError("pipeline: a receive failed") from self.error
         if self.kept:
             raise RuntimeError(f"pipeline: bundles received but never used: {sorted(k for _, k in self.kept)}")
+
+
+def _expected(actions: Sequence[Action], num_stages: int, prev_rank, next_rank, me: int) -> dict[int, int]:
+    """Bundles this rank receives from each peer in one step (implied by its actions)."""
+    count: dict[int, int] = {}
+    for a in actions:
+        if a.op == "F" and a.stage > 0:
+            count[prev_rank] = count.get(prev_rank, 0) + 1
+        elif a.op == "B" and a.stage < num_stages - 1:
+            count[next_rank] = count.get(next_rank, 0) + 1
+    count.pop(me, None)
+    return count
 
 
 def _backward(outputs: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> None:
@@ -106,19 +160,30 @@ def run_pipeline(
     num_microbatches: int,
     num_stages: int | None = None,
     device: torch.device | None = None,
+    prefetch: bool | None = None,
 ) -> PipelineResult:
     """Run this rank's `actions` for one step.
 
     `stage` is the rank's stage object, or {stage index: object} when it holds
     several (interleaved). `prev_rank`/`next_rank` are the group ranks of the
     neighbouring stages (None at the ends). `num_stages` defaults to the
-    group size (one stage per rank).
+    group size (one stage per rank). `prefetch` (default: on CPU) receives
+    in background threads.
     """
     stages = dict(stage) if isinstance(stage, Mapping) else {actions[0].stage if actions else 0: stage}
     if num_stages is None:
         num_stages = dist.get_world_size(group)
+    stray = [a for a in actions if not 0 <= a.mb < num_microbatches or a.stage not in stages]
+    if stray:
+        raise ValueError(
+            f"pipeline: action {stray[0]} is outside {num_microbatches} micro-batches "
+            f"or this rank's stages {sorted(stages)}"
+        )
     device = device or torch.device("cpu")
-    box = _Mailbox(group, device)
+    if prefetch is None:
+        prefetch = omnitrain_device.is_cpu(device)
+    me = dist.get_rank(group)
+    box = _Mailbox(group, device, _expected(actions, num_stages, prev_rank, next_rank, me), prefetch)
     saved: dict[tuple[int, int], tuple[dict, object]] = {}
     losses: dict[int, torch.Tensor] = {}
     fwd_s = {s: 0.0 for s in stages}
@@ -137,7 +202,9 @@ def run_pipeline(
             fwd_s[s] += t1 - t0
             if last:
                 if not isinstance(out, torch.Tensor) or out.dim() != 0:
-                    raise TypeError(f"pipeline: the last stage must return a scalar loss tensor, got {type(out).__name__}")
+                    raise TypeError(
+                        f"pipeline: the last stage must return a scalar loss tensor, got {type(out).__name__}"
+                    )
                 losses[mb] = out.detach()
             else:
                 if not isinstance(out, Mapping):
@@ -158,11 +225,12 @@ def run_pipeline(
             if not first:
                 # Inputs the sender marked as needing grad, in its order; an unused one gets zeros.
                 back = {
-                    k: (v.grad if v.grad is not None else torch.zeros_like(v))
+                    k: v.grad if v.grad is not None else torch.zeros_like(v)
                     for k, v in inputs.items()
                     if v.requires_grad
                 }
                 box.send(back, prev_rank, (GRAD, mb, s - 1))
+                del back
             del inputs, out, grads  # free this micro-batch's activations now
         timeline.append((t0 - t_start, t1 - t_start, a))
 

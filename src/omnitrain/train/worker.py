@@ -7,9 +7,10 @@ from omnitrain import device, launch
 from omnitrain.train.loop import Trainer, save_resolved_config
 
 
-def worker(cfg, make_loader=None) -> list[dict]:
+def worker(cfg, make_loader=None, on_end=None) -> list[dict]:
     """`make_loader(dp_rank, dp_size)`, if given, replaces the configured data
-    (tests feed synthetic micro-batches through the real loop this way)."""
+    (tests feed synthetic micro-batches through the real loop this way);
+    `on_end(trainer)` runs on every rank after training (tests collect state)."""
     ctx = None
     if launch.in_distributed_env():
         from hydra.utils import instantiate
@@ -24,7 +25,10 @@ def worker(cfg, make_loader=None) -> list[dict]:
             trainer.loader = make_loader(trainer.dp_rank, trainer.dp_size)
         if ctx is None or ctx.is_logging_rank:
             save_resolved_config(cfg, cfg.train.output_dir)
-        return trainer.fit(cfg.train.output_dir)
+        rows = trainer.fit(cfg.train.output_dir)
+        if on_end is not None:
+            on_end(trainer)
+        return rows
     finally:
         if ctx is not None:
             launch.destroy()
