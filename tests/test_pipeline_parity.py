@@ -18,6 +18,12 @@ from omnitrain.train.worker import worker
 
 STEPS, GLOBAL = 3, 6
 REL = 1e-5
+# Adam divides by sqrt(v) + eps: with the default 1e-8 an element whose
+# gradient is ~1e-9 (deep encoder biases at random init, or key biases whose
+# gradient is zero in exact arithmetic) turns rounding noise from a different
+# but equally valid summation order into an lr-sized step. A larger eps keeps
+# the comparison about the layout, not about amplified noise.
+EPS = 1e-6
 
 
 def _loader(dp_rank, dp_size, *, micro):
@@ -33,7 +39,7 @@ def _run(tmp_path, name, overrides, micro=1):
     out = tmp_path / name
     out.mkdir()
     cfg = compose_cfg(
-        [f"train.steps={STEPS}", f"train.global_batch_size={GLOBAL}", f"train.micro_batch_size={micro}", *overrides],
+        [f"train.steps={STEPS}", f"train.global_batch_size={GLOBAL}", f"train.micro_batch_size={micro}", "parallel.timeout_s=60", f"optim.eps={EPS}", *overrides],
         output_dir=out,
     )
     check_layout(cfg)
@@ -87,19 +93,13 @@ LAYOUTS = {
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(tmp_path, reference, name):
     ref_losses, ref_params = reference
-    micro = 1 if name != "dp2" else 3
-    losses, params = _run(tmp_path, name, LAYOUTS[name], micro=micro)
+    losses, params = _run(tmp_path, name, LAYOUTS[name])
     assert len(losses) == STEPS
     for a, b in zip(losses, ref_losses):
         assert abs(a - b) / abs(b) < REL, (losses, ref_losses)
     assert params.keys() == ref_params.keys()
-    # Attention key biases get a gradient that is zero in exact arithmetic
-    # (softmax ignores a constant added to every key's score), so AdamW turns
-    # pure rounding noise into lr-sized steps: they are compared absolutely.
-    key_bias = [k for k in ref_params if k.endswith(("k_proj.bias", "attn.k.bias"))]
-    worst = max(_rel(params[k], ref_params[k]) for k in ref_params if k not in key_bias)
-    assert worst < REL, worst
-    assert max(float((params[k] - ref_params[k]).abs().max()) for k in key_bias) < 1e-5
+    worst = max((_rel(params[k], ref_params[k]), k) for k in ref_params)
+    assert worst[0] < REL, worst
     flat = torch.cat([p.reshape(-1) for p in params.values()])
     ref_flat = torch.cat([ref_params[k].reshape(-1) for k in params])
     assert _rel(flat, ref_flat) < REL
@@ -108,6 +108,8 @@ def test_layout_matches_single_process(tmp_path, reference, name):
 
 
 def test_micro_batch_size_does_not_change_the_step(tmp_path, reference):
-    losses, params = _run(tmp_path, "micro2", ["parallel=single"], micro=2)
+    # Padded batches of 2 or 3 change the kernels' shapes (rounding), so only
+    # the losses are compared here; the layouts above use one sample per micro-batch.
+    losses, _ = _run(tmp_path, "micro3_dp2", ["parallel=dp2"], micro=3)
     for a, b in zip(losses, reference[0]):
         assert abs(a - b) / abs(b) < REL

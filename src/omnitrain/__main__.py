@@ -37,16 +37,26 @@ def run(cfg: DictConfig) -> float:
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> float:
+    from omnitrain.data import DataError
+
     try:
         return run(cfg)
     except ConfigError as e:
         # A config mistake is one line, not a traceback.
         log.error("config error: %s", e)
         sys.exit(2)
+    except DataError as e:
+        # Names the dataset, sample index and file (data.on_error=skip to go on).
+        log.error("data error: %s", e)
+        sys.exit(2)
 
 
 def main() -> None:
+    from omnitrain.data import quote_dataset_lists
+
     register_configs()
+    # LLaMA-Factory spelling `data.dataset=a,b` (Hydra would read a sweep).
+    sys.argv[1:] = quote_dataset_lists(sys.argv[1:])
     _hydra_main()
 
 

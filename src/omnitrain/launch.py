@@ -205,7 +205,6 @@ def _worker_threads(nprocs: int) -> int:
 
 def _worker(fn: Callable[..., Any], tmp: str, nprocs: int, threads: int, timeout_s: float, *args: Any) -> Any:
     """Body of every local worker: record the first error where the parent finds it."""
-    _wait_for_siblings(Path(tmp) / "started", nprocs, timeout_s)
     # Die on SIGTERM at once, even inside a blocking collective, instead of
     # raising elastic's SignalException once the call returns.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -215,6 +214,7 @@ def _worker(fn: Callable[..., Any], tmp: str, nprocs: int, threads: int, timeout
     if threads:
         torch.set_num_threads(threads)
     try:
+        _wait_for_siblings(Path(tmp) / "started", nprocs, timeout_s)
         result = fn(*args)
     except Exception as e:
         record = {
@@ -245,9 +245,9 @@ def _wait_for_siblings(started: Path, nprocs: int, timeout_s: float) -> None:
     """
     (started / os.environ.get("LOCAL_RANK", "0")).touch()
     deadline = time.monotonic() + timeout_s
-    while sum(1 for _ in started.iterdir()) < nprocs:
+    while (n := sum(1 for _ in started.iterdir())) < nprocs:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"only {sum(1 for _ in started.iterdir())} of {nprocs} local workers started in {timeout_s} s")
+            raise TimeoutError(f"only {n} of {nprocs} local workers started within {timeout_s} s")
         time.sleep(0.005)
 
 
@@ -280,7 +280,7 @@ class _quiet_elastic:
             if name.startswith(self._PREFIX + ".") and isinstance(lg, logging.Logger)
         ]
         # torch.multiprocessing logs each worker it terminates.
-        loggers += [logging.getLogger("torch.distributed.launcher.api"), logging.getLogger("torch.multiprocessing.spawn")]
+        loggers += [logging.getLogger(n) for n in ("torch.distributed.launcher.api", "torch.multiprocessing.spawn")]
         self._levels = {lg: lg.level for lg in loggers}
         for lg in loggers:
             lg.setLevel(logging.CRITICAL + 1)

@@ -38,7 +38,7 @@ def main(argv=None) -> int:
         return 2
     cfg.data.on_error = "skip"  # inspection lists every error instead of stopping
 
-    from omnitrain.data.inspect import format_report, inspect_dataset
+    from omnitrain.data.summary import format_report, inspect_dataset
     from omnitrain.data.loader import build_dataset
     from omnitrain.data.processor import load_processor
 

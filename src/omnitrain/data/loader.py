@@ -19,6 +19,7 @@ from omnitrain.data.errors import DataError
 from omnitrain.data.processor import token_ids
 from omnitrain.data.sample import SampleBuilder, Settings
 from omnitrain.data.sampler import check_batch_sizes, epoch_order, micro_batch_positions
+from omnitrain.data.threads import one_thread
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ class _Collate:
         self.pad_id = pad_id
 
     def __call__(self, samples):
-        return collate(samples, self.pad_id), [s["meta"] for s in samples]
+        with one_thread():
+            return collate(samples, self.pad_id), [s["meta"] for s in samples]
 
 
 def _worker_init(_: int) -> None:
@@ -203,6 +205,13 @@ def build_dataset(data_cfg: Any, model_cfg: Any, processor) -> ProcessedDataset:
     builder = SampleBuilder(processor, ids, settings)
     index = build_index(data_cfg)
     cache = SampleCache(data_cfg.cache_dir, processor_fingerprint(processor, settings)) if data_cfg.cache_dir else None
+    log.info(
+        "data: %s (%s rejected: %s)%s",
+        ", ".join(f"{s.name}={n}" for s, n in zip(index.specs, index.sizes)),
+        sum(index.invalid.values()),
+        dict(index.invalid) or "none",
+        f"; cache {cache.folder}" if cache else "",
+    )
     return ProcessedDataset(index, builder, cache)
 
 

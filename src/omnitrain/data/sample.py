@@ -10,7 +10,6 @@ placeholders always match what the encoders output.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -22,6 +21,7 @@ from omnitrain.data.formats import Example
 from omnitrain.data.media import load_audio, load_image, load_video
 from omnitrain.data.processor import DEFAULT_SYSTEM, TokenIds
 from omnitrain.data.template import MediaRef, interleave_video_audio, plan_media, render
+from omnitrain.data.threads import one_thread
 
 
 @dataclass(frozen=True)
@@ -74,20 +74,6 @@ def audio_output_length(n_frames: int) -> int:
     return (n - 2) // 2 + 1
 
 
-@contextmanager
-def _one_thread():
-    """Per-sample tensors are small: intra-op threads only add sync cost, and on
-    a busy host (training threads, other workers) it grows to ~100 ms per op."""
-    n = torch.get_num_threads()
-    if n > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if n > 1:
-            torch.set_num_threads(n)
-
-
 @dataclass
 class _Media:
     """Decoded media of one sample, keyed by path (decode once per sample)."""
@@ -96,6 +82,21 @@ class _Media:
     videos: Dict[str, Any] = field(default_factory=dict)
     audios: Dict[str, np.ndarray] = field(default_factory=dict)
     decoded: List[str] = field(default_factory=list)
+
+
+@dataclass
+class _Parts:
+    """What one sample accumulates while its placeholders are walked."""
+
+    images: List[torch.Tensor] = field(default_factory=list)
+    image_grids: List[torch.Tensor] = field(default_factory=list)
+    videos: List[torch.Tensor] = field(default_factory=list)
+    video_grids: List[torch.Tensor] = field(default_factory=list)
+    second_per_grid: List[float] = field(default_factory=list)
+    audio_feats: List[torch.Tensor] = field(default_factory=list)
+    placeholder_ids: List[List[int]] = field(default_factory=list)
+    features: Dict[Any, Any] = field(default_factory=dict)  # processed media by (kind, path)
+    stats: Dict[str, int] = field(default_factory=lambda: {"audio_chunked": 0, "audio_capped": 0})
 
 
 class SampleBuilder:
@@ -117,7 +118,7 @@ class SampleBuilder:
 
     def __call__(self, ex: Example, dataset_uiv: Optional[bool] = None) -> Dict[str, Any]:
         try:
-            with _one_thread():
+            with one_thread():
                 return self._build(ex, dataset_uiv)
         except DataError as e:
             raise e.at(ex.dataset, ex.index) from None
@@ -135,92 +136,22 @@ class SampleBuilder:
         uiv = self.resolve_uiv(ex, dataset_uiv) and bool(ex.videos)
         refs = plan_media(ex.turns, uiv)
         media = self._decode(ex, refs)
-        stats = {"audio_chunked": 0, "audio_capped": 0}
-
-        images, image_grids = [], []
-        videos, video_grids, spg = [], [], []
-        audio_feats: List[torch.Tensor] = []
-        placeholder_ids: List[List[int]] = []
-        image_cache: Dict[str, Any] = {}
-        video_cache: Dict[str, Any] = {}
-        for ref in refs:
+        acc = _Parts()
+        for ref in refs:  # order of appearance = order of the media tensors
             if ref.kind == "image":
-                path = ex.images[ref.index]
-                if path not in image_cache:
-                    image_cache[path] = self._image_features(media.images[path], path)
-                pv, grid = image_cache[path]
-                images.append(pv)
-                image_grids.append(grid)
-                n = int(grid.prod()) // self.merge**2
-                placeholder_ids.append([self.ids.vision_bos] + [self.ids.image] * n + [self.ids.vision_eos])
+                acc.placeholder_ids.append(self._add_image(ex.images[ref.index], media, acc))
             elif ref.kind == "video":
-                path = ex.videos[ref.index]
-                clip = media.videos[path]
-                if path not in video_cache:
-                    video_cache[path] = self._video_features(clip.frames, path)
-                pv, grid = video_cache[path]
-                second_per_grid = self.temporal_patch * clip.seconds_per_frame
-                videos.append(pv)
-                video_grids.append(grid)
-                spg.append(second_per_grid)
-                if not uiv:
-                    n = int(grid.prod()) // self.vmerge**2
-                    placeholder_ids.append([self.ids.vision_bos] + [self.ids.video] * n + [self.ids.vision_eos])
-                    continue
-                if ref.paired_audio is not None:
-                    apath = ex.audios[ref.paired_audio]
-                    wave = media.audios[apath]
-                else:
-                    apath = path
-                    wave = clip.audio
-                    if wave is None:
-                        raise DataError(
-                            "use_audio_in_video is true but the video has no audio track; set use_audio_in_video=false "
-                            "for this sample or put <audio> right after <video> with an audio file",
-                            file=path,
-                            reason="no_audio_track",
-                        )
-                wave = self._cap(wave, apath, stats)
-                if len(wave) > self.window:
-                    raise DataError(
-                        f"audio of the video is {len(wave) / self.sr:.1f} s, longer than the feature extractor's "
-                        f"{self.window / self.sr:.0f} s window; set data.max_audio_seconds or use_audio_in_video=false",
-                        file=apath,
-                        reason="audio_too_long",
-                    )
-                feat = self._audio_features([wave], apath)[0]
-                audio_feats.append(feat)
-                block = interleave_video_audio(
-                    grid.tolist(),
-                    self.vmerge,
-                    second_per_grid,
-                    audio_output_length(feat.shape[-1]),
-                    self.ids,
-                    self.s.position_id_per_seconds,
-                    self.s.seconds_per_chunk,
-                )
-                placeholder_ids.append([self.ids.vision_bos] + block + [self.ids.vision_eos])
+                acc.placeholder_ids.append(self._add_video(ex, ref, media, acc, uiv))
+            elif ref.absorbed:  # this <audio> is the preceding video's soundtrack
+                acc.placeholder_ids.append([])
             else:
-                if ref.absorbed:
-                    placeholder_ids.append([])
-                    continue
-                path = ex.audios[ref.index]
-                wave = self._cap(media.audios[path], path, stats)
-                segments = self._segments(wave, path, stats)
-                ids: List[int] = []
-                for feat in self._audio_features(segments, path):
-                    audio_feats.append(feat)
-                    n = audio_output_length(feat.shape[-1])
-                    ids += [self.ids.audio_bos] + [self.ids.audio] * n + [self.ids.audio_eos]
-                placeholder_ids.append(ids)
+                acc.placeholder_ids.append(self._add_audio(ex.audios[ref.index], media, acc))
 
         system = ex.system if ex.system is not None else self.s.system
-        if system is None:
-            system = DEFAULT_SYSTEM
         input_ids, labels, spans = render(
             ex.turns,
-            system,
-            placeholder_ids,
+            DEFAULT_SYSTEM if system is None else system,
+            acc.placeholder_ids,
             self._encode,
             train_on_prompt=self.s.train_on_prompt,
             mask_history=self.s.mask_history,
@@ -231,17 +162,83 @@ class SampleBuilder:
             "input_ids": torch.tensor(input_ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
             "use_audio_in_video": uiv,
-            "audio_features": audio_feats,
-            "meta": {"dataset": ex.dataset, "index": ex.index, "decoded": media.decoded, **stats},
+            "audio_features": acc.audio_feats,
+            "meta": {"dataset": ex.dataset, "index": ex.index, "decoded": media.decoded, **acc.stats},
         }
-        if images:
-            out["pixel_values"] = torch.cat(images)
-            out["image_grid_thw"] = torch.stack(image_grids)
-        if videos:
-            out["pixel_values_videos"] = torch.cat(videos)
-            out["video_grid_thw"] = torch.stack(video_grids)
-            out["video_second_per_grid"] = torch.tensor(spg, dtype=torch.float32)
+        if acc.images:
+            out["pixel_values"] = torch.cat(acc.images)
+            out["image_grid_thw"] = torch.stack(acc.image_grids)
+        if acc.videos:
+            out["pixel_values_videos"] = torch.cat(acc.videos)
+            out["video_grid_thw"] = torch.stack(acc.video_grids)
+            out["video_second_per_grid"] = torch.tensor(acc.second_per_grid, dtype=torch.float32)
         return out
+
+    def _add_image(self, path: str, media: _Media, acc: "_Parts") -> List[int]:
+        if ("image", path) not in acc.features:  # the same file twice: process once
+            acc.features["image", path] = self._image_features(media.images[path], path)
+        pv, grid = acc.features["image", path]
+        acc.images.append(pv)
+        acc.image_grids.append(grid)
+        n = int(grid.prod()) // self.merge**2
+        return [self.ids.vision_bos] + [self.ids.image] * n + [self.ids.vision_eos]
+
+    def _add_video(self, ex: Example, ref: MediaRef, media: _Media, acc: "_Parts", uiv: bool) -> List[int]:
+        path = ex.videos[ref.index]
+        clip = media.videos[path]
+        if ("video", path) not in acc.features:
+            acc.features["video", path] = self._video_features(clip.frames, path)
+        pv, grid = acc.features["video", path]
+        # Measured spacing of the sampled frames, not the nominal fps.
+        second_per_grid = self.temporal_patch * clip.seconds_per_frame
+        acc.videos.append(pv)
+        acc.video_grids.append(grid)
+        acc.second_per_grid.append(second_per_grid)
+        if not uiv:
+            n = int(grid.prod()) // self.vmerge**2
+            return [self.ids.vision_bos] + [self.ids.video] * n + [self.ids.vision_eos]
+
+        if ref.paired_audio is not None:
+            apath = ex.audios[ref.paired_audio]
+            wave = media.audios[apath]
+        else:
+            apath, wave = path, clip.audio
+            if wave is None:
+                raise DataError(
+                    "use_audio_in_video is true but the video has no audio track; set use_audio_in_video=false "
+                    "for this sample or put <audio> right after <video> with an audio file",
+                    file=path,
+                    reason="no_audio_track",
+                )
+        wave = self._cap(wave, acc.stats)
+        if len(wave) > self.window:  # one video pairs with exactly one audio: no chunking here
+            raise DataError(
+                f"audio of the video is {len(wave) / self.sr:.1f} s, longer than the feature extractor's "
+                f"{self.window / self.sr:.0f} s window; set data.max_audio_seconds or use_audio_in_video=false",
+                file=apath,
+                reason="audio_too_long",
+            )
+        feat = self._audio_features([wave], apath)[0]
+        acc.audio_feats.append(feat)
+        block = interleave_video_audio(
+            grid.tolist(),
+            self.vmerge,
+            second_per_grid,
+            audio_output_length(feat.shape[-1]),
+            self.ids,
+            self.s.position_id_per_seconds,
+            self.s.seconds_per_chunk,
+        )
+        return [self.ids.vision_bos] + block + [self.ids.vision_eos]
+
+    def _add_audio(self, path: str, media: _Media, acc: "_Parts") -> List[int]:
+        wave = self._cap(media.audios[path], acc.stats)
+        ids: List[int] = []
+        for feat in self._audio_features(self._segments(wave, path, acc.stats), path):
+            acc.audio_feats.append(feat)
+            n = audio_output_length(feat.shape[-1])
+            ids += [self.ids.audio_bos] + [self.ids.audio] * n + [self.ids.audio_eos]
+        return ids
 
     def _decode(self, ex: Example, refs: List[MediaRef]) -> _Media:
         """Each distinct file once; a video's soundtrack in the same pass."""
@@ -300,7 +297,7 @@ class SampleBuilder:
             raise DataError(f"video processor failed: {e}", file=path, reason="corrupt_media") from None
         return out["pixel_values_videos"], out["video_grid_thw"][0]
 
-    def _cap(self, wave: np.ndarray, path: str, stats: Dict[str, int]) -> np.ndarray:
+    def _cap(self, wave: np.ndarray, stats: Dict[str, int]) -> np.ndarray:
         cap = self.s.max_audio_seconds
         if cap is not None and len(wave) > cap * self.sr:
             stats["audio_capped"] += 1
