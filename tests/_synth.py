@@ -91,18 +91,35 @@ def micro_batches(n: int, batch: int = 1) -> list[dict]:
 
 class SynthLoader:
     """Same contract as omnitrain.data.build_loader: global step k uses samples
-    [k*G, (k+1)*G); dp rank r takes its slice, in micro-batches."""
+    [k*G, (k+1)*G); dp rank r takes its slice, in micro-batches. Its state is
+    the number of micro-batches handed out, so resume tests can use it."""
 
     def __init__(self, *, global_batch_size, micro_batch_size, dp_rank=0, dp_size=1, kinds=None):
         self.G, self.mbs, self.r, self.dp = global_batch_size, micro_batch_size, dp_rank, dp_size
         self.kinds = kinds or KINDS
+        self.micro_step = 0
+
+    @property
+    def per_step(self) -> int:
+        return self.G // (self.mbs * self.dp)
 
     def __iter__(self):
-        k = 0
         per_rank = self.G // self.dp
+        k, j0 = divmod(self.micro_step, self.per_step)
         while True:
             start = k * self.G + self.r * per_rank
             ss = [sample(i, **self.kinds[i % len(self.kinds)]) for i in range(start, start + per_rank)]
-            for j in range(0, per_rank, self.mbs):
+            for j in range(j0 * self.mbs, per_rank, self.mbs):
+                self.micro_step += 1
                 yield collate(ss[j : j + self.mbs])
-            k += 1
+            k, j0 = k + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"micro_step": self.micro_step, "global_batch_size": self.G, "per_step": self.per_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        # Another dp/micro layout maps by global step, as the real loader does.
+        assert state["global_batch_size"] == self.G, state
+        step, rest = divmod(state["micro_step"], state["per_step"])
+        assert rest == 0 or state["per_step"] == self.per_step, state
+        self.micro_step = step * self.per_step + rest

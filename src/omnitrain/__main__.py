@@ -38,9 +38,16 @@ def run(cfg: DictConfig) -> float:
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> float:
     from omnitrain.data import DataError
+    from omnitrain.launch import WorkerFailed
 
     try:
         return run(cfg)
+    except WorkerFailed as e:
+        # Errors a user can fix stay one line even when a worker raised them.
+        if e.exc_type in ("ConfigError", "DataError", "CheckpointError"):
+            log.error("rank %d: %s", e.rank, e.message)
+            sys.exit(2)
+        raise
     except ConfigError as e:
         # A config mistake is one line, not a traceback.
         log.error("config error: %s", e)

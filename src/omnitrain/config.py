@@ -44,12 +44,20 @@ class PPConfig:
 
 
 @dataclass
+class FSDPConfig:  # [parallel] options of parallel.dp_mode=fsdp
+    mixed_precision: str = "none"  # none | bf16 (gather/compute in bf16, reduce grads in fp32)
+    cpu_offload: bool = False  # sharded params, grads and optimizer state live in host memory
+    reshard_after_forward: bool = True  # free gathered params after each unit's forward
+
+
+@dataclass
 class ParallelConfig:
     name: str = "single"
     pp: PPConfig = field(default_factory=PPConfig)
     tp: Dict[str, int] = field(default_factory=lambda: {"vision": 1, "audio": 1, "llm": 1})
     dp: Any = "auto"  # auto | int
     dp_mode: str = "replicate"  # replicate | fsdp
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     # Seconds a collective may wait before the process group aborts.
     timeout_s: int = 300
 

@@ -228,6 +228,80 @@ class Qwen25OmniThinker:
         """(name, param) of the materialized parameters (not on meta)."""
         return [(n, p) for n, p in model.named_parameters() if not p.is_meta]
 
+    # ---- [parallel hook] tensor-parallel plan and dummy media (used by omnitrain.parallel) ----
+    # module -> ((FQN pattern, style), ...); "*" is a layer index. Styles:
+    # colwise / rowwise (Megatron pairs), vocab_embed (embedding sharded over
+    # the vocabulary), vocab_head (lm_head sharded over the vocabulary).
+    # Everything else (norms, patch embed, merger, convs) stays replicated.
+    TP_PLAN = {
+        "vision": (
+            ("model.visual.blocks.*.attn.q", "colwise"),
+            ("model.visual.blocks.*.attn.k", "colwise"),
+            ("model.visual.blocks.*.attn.v", "colwise"),
+            ("model.visual.blocks.*.attn.proj", "rowwise"),
+            ("model.visual.blocks.*.mlp.gate_proj", "colwise"),
+            ("model.visual.blocks.*.mlp.up_proj", "colwise"),
+            ("model.visual.blocks.*.mlp.down_proj", "rowwise"),
+        ),
+        "audio": (
+            ("model.audio_tower.layers.*.self_attn.q_proj", "colwise"),
+            ("model.audio_tower.layers.*.self_attn.k_proj", "colwise"),  # no bias: only the weight is sharded
+            ("model.audio_tower.layers.*.self_attn.v_proj", "colwise"),
+            ("model.audio_tower.layers.*.self_attn.out_proj", "rowwise"),
+            ("model.audio_tower.layers.*.fc1", "colwise"),
+            ("model.audio_tower.layers.*.fc2", "rowwise"),
+        ),
+        "llm": (
+            ("model.language_model.embed_tokens", "vocab_embed"),
+            ("model.language_model.layers.*.self_attn.q_proj", "colwise"),
+            ("model.language_model.layers.*.self_attn.k_proj", "colwise"),
+            ("model.language_model.layers.*.self_attn.v_proj", "colwise"),
+            ("model.language_model.layers.*.self_attn.o_proj", "rowwise"),
+            ("model.language_model.layers.*.mlp.gate_proj", "colwise"),
+            ("model.language_model.layers.*.mlp.up_proj", "colwise"),
+            ("model.language_model.layers.*.mlp.down_proj", "rowwise"),
+            ("lm_head", "vocab_head"),
+        ),
+    }
+    # Head counts HF's encoder attention reshapes by (the LLM's uses -1):
+    # after sharding each rank holds heads / tp of them.
+    TP_HEAD_ATTRS = {
+        "vision": (("model.visual.blocks.*.attn", "num_heads"),),
+        "audio": (("model.audio_tower.layers.*.self_attn", "num_heads"),),
+        "llm": (),
+    }
+
+    def tp_sizes(self) -> dict[str, dict[str, int]]:
+        """Per module, the sizes its TP size must divide (named for the error message)."""
+        c = self.hf_config
+        v, a, t = c.vision_config, c.audio_config, c.text_config
+        return {
+            "vision": {"num_heads": v.num_heads, "intermediate_size": v.intermediate_size},
+            "audio": {"encoder_attention_heads": a.encoder_attention_heads, "encoder_ffn_dim": a.encoder_ffn_dim},
+            "llm": {
+                "num_attention_heads": t.num_attention_heads,
+                "num_key_value_heads": t.num_key_value_heads,
+                "intermediate_size": t.intermediate_size,
+                "vocab_size": t.vocab_size,
+            },
+        }
+
+    def dummy_media(self, kind: str) -> dict:
+        """The smallest input of one media kind, for a rank whose micro-batch has
+        none while a data-parallel peer's has some: FSDP's collectives need
+        every replica to run the same encoder passes. Marked in `_dummy` so
+        its features join the loss with weight 0 and no rope grid is read."""
+        v, a = self.hf_config.vision_config, self.hf_config.audio_config
+        if kind == "audio":
+            n = 4
+            return {"input_features": torch.zeros(1, a.num_mel_bins, n), "feature_attention_mask": torch.ones(1, n, dtype=torch.long)}
+        m = v.spatial_merge_size
+        grid = torch.tensor([[1, m, m]])  # one merged token
+        pix = torch.zeros(m * m, v.in_channels * v.temporal_patch_size * v.patch_size**2)
+        if kind == "image":
+            return {"pixel_values": pix, "image_grid_thw": grid}
+        return {"pixel_values_videos": pix, "video_grid_thw": grid, "video_second_per_grid": torch.ones(1)}
+
     # ---- forward ----------------------------------------------------------
     def stage_forward(self, model: nn.Module, seg: Segments, mb: dict, inputs: dict, num_label_tokens) -> dict | torch.Tensor:
         """Run this stage's segments on one micro-batch.
@@ -322,6 +396,9 @@ class Qwen25OmniThinker:
         ids_ = self.token_ids
         for kind in ("audio", "image", "video"):
             feats = out.pop(f"{kind}_emb", None)
+            if feats is not None and kind in mb.get("_dummy", ()):  # [parallel hook] see dummy_media
+                emb = emb + 0.0 * feats.sum()
+                continue
             mask = ids == ids_[kind]
             n_tok = int(mask.sum())
             if feats is None:
@@ -344,6 +421,10 @@ class Qwen25OmniThinker:
         spg = mb.get("video_second_per_grid")
         fmask = mb.get("feature_attention_mask")
         audio_lens = fmask.sum(-1) if fmask is not None else None
+        dummy = mb.get("_dummy", ())  # [parallel hook] see dummy_media
+        img_grid = None if "image" in dummy else img_grid
+        vid_grid, spg = (None, None) if "video" in dummy else (vid_grid, spg)
+        audio_lens = None if "audio" in dummy else audio_lens
         if flags is None or not bool(flags.any()) or bool(flags.all()):
             flag = bool(flags.all()) if flags is not None and flags.numel() else False
             pos, _ = thinker.get_rope_index(ids, img_grid, vid_grid, am, flag, audio_lens, spg)

@@ -49,6 +49,8 @@ class Trainer:
         self.segs = self._segments()
         device.manual_seed_all(cfg.train.seed)
         self.model = self.adapter.build(self.segs, self.dev, cfg.train.seed)
+        if self.ctx is not None:  # [parallel hook] TP / FSDP on this rank's modules
+            self.model = self.ctx.parallelize(self.adapter, self.model, self.segs)
         self.params = [p for _, p in self.adapter.local_parameters(self.model)]
         self.optimizer = build_optimizer(self.params, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
@@ -108,6 +110,8 @@ class Trainer:
     def train_step(self, micro_batches: list[dict]) -> StepResult:
         t0 = time.perf_counter()
         micro_batches = [self._to_device(mb) for mb in micro_batches]
+        if self.ctx is not None:  # [parallel hook] same encoder passes on every dp replica
+            micro_batches = self.ctx.prepare_micro_batches(self.adapter, micro_batches, self.dev)
         n_label = sum(self.adapter.count_label_tokens(mb) for mb in micro_batches)
         tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
         if self.ctx is not None:
@@ -126,7 +130,10 @@ class Trainer:
         if self.ctx is not None:
             self.ctx.reduce_grads(self.params)
             loss = self.ctx.reduce_loss(loss)
-        grad_norm = clip_grad_norm(self.params, self.cfg.optim.grad_clip, group=self.ctx.grad_norm_group if self.ctx else None)
+        if self.ctx is not None:  # [parallel hook] norm over pp stages, TP and FSDP shards
+            grad_norm = self.ctx.clip_grad_norm(self.params, self.cfg.optim.grad_clip)
+        else:
+            grad_norm = clip_grad_norm(self.params, self.cfg.optim.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -140,6 +147,7 @@ class Trainer:
         cfg = self.cfg.train
         if self.loader is None:
             self.build_data()
+        self.maybe_resume(run_dir)
         it = iter(self.loader)
         logger = MetricsLogger(run_dir, cfg.steps, enabled=self.is_logging_rank, progress=cfg.progress)
         peak = device.peak_flops(self.dev) * (self.ctx.world_size if self.ctx else 1)
@@ -164,6 +172,8 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     logger.log(row)
                 logger.advance()
+                if cfg.save_every > 0 and (self.step % cfg.save_every == 0 or self.step == cfg.steps):
+                    self.save(run_dir)
         finally:
             logger.close()
         stats = getattr(self.loader, "stats", None)
@@ -172,6 +182,35 @@ class Trainer:
             if s.get("skipped"):
                 log.warning("data: skipped %s samples (%s)", s["skipped"], s)
         return rows
+
+
+    # ---- checkpoints --------------------------------------------------------
+    def save(self, run_dir) -> Path:
+        from omnitrain.train import checkpoint
+
+        t = self.cfg.train
+        return checkpoint.save(
+            run_dir,
+            self.step,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            loader=self.loader,
+            dev=self.dev,
+            keep_last=t.keep_last,
+            save_optimizer=t.save_optimizer,
+        )
+
+    def maybe_resume(self, run_dir) -> None:
+        from omnitrain.train import checkpoint
+
+        path = checkpoint.find_resume(run_dir, self.cfg.train.resume)
+        if path is None:
+            return
+        self.step = checkpoint.load(
+            path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, loader=self.loader, dev=self.dev
+        )
+        log.info("resumed from %s at step %d", path, self.step)
 
 
 def save_resolved_config(cfg, run_dir: str | Path) -> None:

@@ -3,6 +3,8 @@ than one process, build the trainer for this rank's stage, train."""
 
 from __future__ import annotations
 
+import logging
+
 from omnitrain import device, launch
 from omnitrain.train.loop import Trainer, save_resolved_config
 
@@ -19,6 +21,9 @@ def worker(cfg, make_loader=None, on_end=None) -> list[dict]:
 
         launch.init_distributed(device.detect(cfg.train.device), timeout_s=cfg.parallel.timeout_s)
         ctx = ParallelContext.build(cfg, instantiate(cfg.model, _convert_="all").depths)
+        if not ctx.is_logging_rank:
+            # Every rank runs the same set-up: let one of them say it.
+            logging.getLogger().setLevel(logging.WARNING)
     try:
         trainer = Trainer(cfg, dist_ctx=ctx)
         if make_loader is not None:

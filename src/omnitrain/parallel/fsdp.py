@@ -1,0 +1,67 @@
+"""Data parallelism with FSDP2 (`fully_shard`), and keeping replicas in step.
+
+Units: every owned module the adapter's segment code calls directly (each
+vision block, audio layer, LLM layer, and the small pre/post modules) is
+sharded on its own over the stage's dp mesh. The segment code never calls
+the thinker's root forward, so a root-level unit would never be gathered;
+each unit is therefore its own FSDP root.
+
+FSDP gathers a unit's parameters in its forward and reduce-scatters its
+grads in its backward, on every dp rank at once. A micro-batch whose sample
+has no image while a peer's has one would skip the vision tower and leave
+the peer waiting: `align_media` gives such a rank the adapter's dummy input
+for that media kind (its features join the loss with weight 0), so all
+replicas run the same encoder passes in the same order (VeOmni does the same).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from omnitrain import device
+
+# (media kind, the micro-batch key that makes the adapter run its encoder)
+MEDIA = (("image", "pixel_values"), ("video", "pixel_values_videos"), ("audio", "input_features"))
+
+
+def apply_fsdp(model: nn.Module, units: list[str], dp_mesh, opts, dev: torch.device) -> list[str]:
+    """fully_shard each owned unit that has parameters; returns their names."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    mp = {
+        "none": MixedPrecisionPolicy(),
+        # Gather and compute in bf16; reduce grads in fp32 so accumulation stays exact-ish.
+        "bf16": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32),
+    }[opts.mixed_precision]
+    # Pinned memory needs an accelerator (FACTS: pin_memory=False on CPU).
+    offload = CPUOffloadPolicy(pin_memory=not device.is_cpu(dev)) if opts.cpu_offload else OffloadPolicy()
+    modules = dict(model.named_modules())
+    done = []
+    for name in units:
+        mod = modules[name]
+        if not any(True for _ in mod.parameters()):
+            continue
+        fully_shard(mod, mesh=dp_mesh, reshard_after_forward=opts.reshard_after_forward, mp_policy=mp, offload_policy=offload)
+        # Micro-batch losses are already divided by the global label count:
+        # grads are summed over replicas, not averaged.
+        mod.set_gradient_divide_factor(1.0)
+        done.append(name)
+    return done
+
+
+def align_media(adapter, micro_batches: list[dict], dp_group, dev: torch.device) -> list[dict]:
+    """Add dummy media so every dp rank runs the same encoder passes per micro-batch."""
+    have = torch.tensor([[key in mb for _, key in MEDIA] for mb in micro_batches], dtype=torch.int64, device=dev)
+    dist.all_reduce(have, group=dp_group)
+    out = []
+    for mb, row in zip(micro_batches, have.cpu().tolist()):
+        missing = [kind for (kind, key), n in zip(MEDIA, row) if n and key not in mb]
+        if missing:
+            mb = dict(mb)
+            for kind in missing:
+                mb.update({k: v.to(dev) for k, v in adapter.dummy_media(kind).items()})
+            mb["_dummy"] = tuple(missing)
+        out.append(mb)
+    return out
