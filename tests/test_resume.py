@@ -6,16 +6,18 @@ another with the same next-step loss."""
 from __future__ import annotations
 
 import functools
-import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 import _synth
-from conftest import compose_cfg
+from conftest import TESTS, compose_cfg
 from omnitrain import launch
 from omnitrain.parallel.context import check_layout, world_size_for
 from omnitrain.train import checkpoint
@@ -23,6 +25,27 @@ from omnitrain.train.worker import worker
 
 STEPS, GLOBAL = 4, 2
 RESHARD_REL = 1e-6
+# The shipped tiny model at 4-layer depths and half width: the same code paths
+# at a fraction of the time and checkpoint size (2 shared cores).
+SMALL = [
+    "model.config.vision_config.depth=4",
+    "model.config.vision_config.fullatt_block_indexes=[1,3]",
+    "model.config.vision_config.out_hidden_size=32",
+    "model.config.audio_config.encoder_layers=4",
+    "model.config.audio_config.output_dim=32",
+    "model.config.text_config.num_hidden_layers=4",
+    "model.config.text_config.hidden_size=32",
+    "model.config.text_config.num_attention_heads=2",
+    "model.config.text_config.num_key_value_heads=1",
+]
+PP2 = ["parallel=pp2", "parallel.pp.layers.vision=[4,0]", "parallel.pp.layers.audio=[4,0]", "parallel.pp.layers.llm=[2,2]"]
+PP4_HETERO = [
+    "parallel=pp4_hetero",
+    "parallel.pp.schedule=gpipe",  # 2 micro-batches on 4 stages
+    "parallel.pp.layers.vision=[4,0,0,0]",
+    "parallel.pp.layers.audio=[0,4,0,0]",
+    "parallel.pp.layers.llm=[0,1,2,1]",
+]
 
 
 def _loader(dp_rank, dp_size):
@@ -37,7 +60,7 @@ def _save_params(path, trainer):
 def _cfg(out, overrides, steps=STEPS):
     cfg = compose_cfg(
         [f"train.steps={steps}", f"train.global_batch_size={GLOBAL}", "train.micro_batch_size=1", "train.keep_last=0",
-         "train.progress=false", "parallel.timeout_s=60", *overrides],
+         "train.progress=false", "parallel.timeout_s=60", *SMALL, *overrides],
         output_dir=out,
     )
     check_layout(cfg)
@@ -80,15 +103,15 @@ def test_resume_single_is_bit_exact(tmp_path, reference):
 
 
 def test_resume_pp2_is_bit_exact(tmp_path):
-    full, _ = _run(tmp_path / "full", ["parallel=pp2", "train.save_every=2"])
-    resumed, _ = _run(tmp_path / "resumed", ["parallel=pp2", f"train.resume={tmp_path}/full/checkpoints/step_2"])
+    full, _ = _run(tmp_path / "full", [*PP2, "train.save_every=2"])
+    resumed, _ = _run(tmp_path / "resumed", [*PP2, f"train.resume={tmp_path}/full/checkpoints/step_2"])
     assert resumed == {s: full[s] for s in (3, 4)}
 
 
 def test_reshard_single_to_pp4_hetero_to_single(tmp_path, reference):
     ref_dir, ref_losses, _ = reference
     # single step 2 -> pp4_hetero runs steps 3, 4 (saving both)
-    pp4, _ = _run(tmp_path / "pp4", ["parallel=pp4_hetero", "train.save_every=1", f"train.resume={ref_dir}/checkpoints/step_2"])
+    pp4, _ = _run(tmp_path / "pp4", [*PP4_HETERO, "train.save_every=1", f"train.resume={ref_dir}/checkpoints/step_2"])
     assert sorted(pp4) == [3, 4]
     assert _rel(pp4[3], ref_losses[3]) < RESHARD_REL, (pp4, ref_losses)
     # pp4_hetero step 3 -> single runs step 4
@@ -109,7 +132,7 @@ def test_reshard_single_to_dp2(tmp_path, reference):
 
 
 def _train_child(out, overrides, kill_in_save_of=None):
-    """Body of a forked training process (one process, parallel=single)."""
+    """Body of the training process that gets killed (one process, parallel=single)."""
     if kill_in_save_of is not None:
         real = checkpoint.dcp.save
 
@@ -120,28 +143,32 @@ def _train_child(out, overrides, kill_in_save_of=None):
                 os.kill(os.getpid(), signal.SIGKILL)
 
         checkpoint.dcp.save = save_then_die
-    cfg = _cfg(out, overrides)
+    cfg = _cfg(Path(out), overrides)
     launch.launch(worker, 1, cfg, _loader)
-    os._exit(0)
 
 
-def _fork(target, *args):
-    p = multiprocessing.get_context("fork").Process(target=target, args=args)
-    p.start()
-    return p
+def _start(out, overrides, kill_in_save_of=None):
+    # A fresh interpreter: a fork of this process (which already ran torch
+    # thread pools and gloo groups) can hang in the child.
+    code = (
+        f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_resume as t; "
+        f"t._train_child({str(out)!r}, {list(overrides)!r}, {kill_in_save_of!r})"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def test_sigkill_between_saves_then_resume_is_exact(tmp_path, reference):
     _, ref_losses, _ = reference
     out = tmp_path / "run"
-    p = _fork(_train_child, out, ["parallel=single", "train.save_every=1"])
+    p = _start(out, ["parallel=single", "train.save_every=1"])
     pointer = out / "checkpoints" / "latest"
     deadline = time.monotonic() + 120
-    while not pointer.exists() and p.is_alive() and time.monotonic() < deadline:
+    while not pointer.exists() and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    os.kill(p.pid, signal.SIGKILL)
-    p.join()
-    assert p.exitcode == -signal.SIGKILL
+    p.kill()  # SIGKILL
+    _, err = p.communicate()
+    assert p.returncode == -signal.SIGKILL, err.decode()[-3000:]
     saved = int(checkpoint.latest(out).name.split("_")[1])
     assert saved < STEPS, "the run finished before it could be killed"
     losses, _ = _run(out, ["parallel=single", "train.save_every=1", "train.resume=auto"])
@@ -151,9 +178,9 @@ def test_sigkill_between_saves_then_resume_is_exact(tmp_path, reference):
 def test_sigkill_inside_a_save_leaves_latest_on_the_previous_step(tmp_path, reference):
     _, ref_losses, _ = reference
     out = tmp_path / "run"
-    p = _fork(_train_child, out, ["parallel=single", "train.save_every=2"], 4)
-    p.join(180)
-    assert p.exitcode == -signal.SIGKILL
+    p = _start(out, ["parallel=single", "train.save_every=2"], 4)
+    _, err = p.communicate(timeout=180)
+    assert p.returncode == -signal.SIGKILL, err.decode()[-3000:]
     root = out / "checkpoints"
     assert (root / "step_4.tmp" / ".metadata").is_file()  # its data was complete...
     assert not (root / "step_4").exists()  # ...but it was never published

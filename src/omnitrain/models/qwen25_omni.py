@@ -205,6 +205,11 @@ class Qwen25OmniThinker:
                 with _seeded(seed, name):
                     model._init_weights(sub)
             mod.to(device)
+        if self.init_from:
+            from omnitrain.convert.hf import load_hf_weights
+
+            # After the init: non-persistent buffers (rotary) come from it, weights from the folder.
+            load_hf_weights(model, self.init_from)
         for module in MODULES:
             if not self.trainable.get(module, True):
                 for p in self.module_parameters(model, module):

@@ -45,7 +45,9 @@ def apply_fsdp(model: nn.Module, units: list[str], dp_mesh, opts, dev: torch.dev
             continue
         fully_shard(mod, mesh=dp_mesh, reshard_after_forward=opts.reshard_after_forward, mp_policy=mp, offload_policy=offload)
         # Micro-batch losses are already divided by the global label count:
-        # grads are summed over replicas, not averaged.
+        # grads are summed over replicas, not averaged. A plain SUM (not a
+        # pre-multiplied one, which some backends lack) with no division.
+        mod.set_force_sum_reduction_for_comms(True)
         mod.set_gradient_divide_factor(1.0)
         done.append(name)
     return done

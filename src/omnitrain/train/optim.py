@@ -49,11 +49,13 @@ def clip_grad_norm(params, max_norm: float, group=None) -> torch.Tensor:
     then scale every gradient by the same factor. Returns the norm before clipping."""
     params = [p for p in params if p.grad is not None]
     grads = [p.grad for p in params]
-    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    # Squares summed in fp64: an fp32 norm of the 9.7M-element lm_head grad is
+    # ~2e-5 off, enough to move the clip factor between layouts that shard it
+    # (parallel/context.py's sharded norm accumulates the same way).
+    sq = sum((g.detach().double().pow(2).sum().cpu() for g in grads), torch.zeros((), dtype=torch.float64))
     if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
-        sq = norm.detach().float().pow(2).cpu()
         dist.all_reduce(sq, group=group)
-        norm = sq.sqrt()
+    norm = sq.sqrt().float()
     if max_norm > 0 and grads:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm.to(grads[0].device))
     return norm.detach().float().cpu()
