@@ -234,6 +234,8 @@ class ParallelContext:
         """The step loss on every rank: sum over replicas and over the pipeline
         (only the last stage holds a non-zero part)."""
         loss = loss.detach().float().cpu().reshape(())
+        if self.tp_rank:  # every rank of a TP group holds the same loss: count it once
+            loss.zero_()
         dist.all_reduce(loss)
         return loss
 
