@@ -210,6 +210,8 @@ class ParallelContext:
         """
         from torch.distributed.tensor import DTensor
 
+        from omnitrain.train.optim import sum_of_squares
+
         coord = {"dp": self.dp_rank, "tp": self.tp_rank}
         grads = [p.grad for p in params if p.grad is not None]
         dev = grads[0].device if grads else device.detect(self.mesh.device_type).torch_device(device.local_rank())
@@ -221,7 +223,7 @@ class ParallelContext:
                 sharded = {n for n, pl in zip(names, g.placements) if pl.is_shard()}
                 g = g.to_local()
             if all(c == 0 or d in sharded for d, c in coord.items()):
-                sq += g.detach().double().pow(2).sum().to(dev)
+                sq += sum_of_squares(g).to(dev)
         dist.all_reduce(sq)
         norm = sq.sqrt().float().cpu()
         if max_norm > 0:
