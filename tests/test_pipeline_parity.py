@@ -113,3 +113,16 @@ def test_micro_batch_size_does_not_change_the_step(tmp_path, reference):
     losses, _ = _run(tmp_path, "micro3_dp2", ["parallel=dp2"], micro=3)
     for a, b in zip(losses, reference[0]):
         assert abs(a - b) / abs(b) < REL
+
+
+def test_frozen_vision_stage_gets_a_noop_optimizer(tmp_path):
+    # pp4_hetero puts only vision on stage 0: frozen, that stage owns no
+    # trainable parameter and must still run its part of every step.
+    frozen = ["model.trainable.vision=false"]
+    ref_losses, ref_params = _run(tmp_path, "single_frozen", ["parallel=single", *frozen])
+    losses, params = _run(tmp_path, "pp4_frozen", ["parallel=pp4_hetero", *frozen])
+    for a, b in zip(losses, ref_losses):
+        assert abs(a - b) / abs(b) < REL
+    vision = [k for k in ref_params if k.startswith("model.visual.")]
+    assert vision and all(torch.equal(params[k], ref_params[k]) for k in vision)
+    assert max(_rel(params[k], ref_params[k]) for k in ref_params) < REL
