@@ -128,6 +128,26 @@ def test_reshard_single_to_dp2(tmp_path, reference):
     assert _rel(dp2[3], ref_losses[3]) < RESHARD_REL, (dp2, ref_losses)
 
 
+@pytest.mark.parametrize("layout", ["fsdp2", "tp2"])
+def test_reshard_single_to_sharded_and_back(tmp_path, reference, layout):
+    # Sharded parameters (FSDP2 / DTensor TP) save their shards; DCP reshards on load.
+    if layout == "fsdp2":
+        ref_dir, ref_losses, _ = reference
+        sharded_layout, model = ["parallel=dp2", "parallel.dp_mode=fsdp"], []
+    else:
+        # TP2 needs kv heads divisible by 2: its own single-process reference.
+        model = ["model.config.text_config.num_key_value_heads=2"]
+        ref_dir = tmp_path / "ref"
+        ref_losses, _ = _run(ref_dir, ["parallel=single", "train.save_every=2", *model])
+        sharded_layout = ["parallel=tp2"]
+    sharded, _ = _run(
+        tmp_path / "sharded", [*sharded_layout, *model, "train.save_every=1", f"train.resume={ref_dir}/checkpoints/step_2"]
+    )
+    assert _rel(sharded[3], ref_losses[3]) < RESHARD_REL, (sharded, ref_losses)
+    single, _ = _run(tmp_path / "single", ["parallel=single", *model, f"train.resume={tmp_path}/sharded/checkpoints/step_3"])
+    assert _rel(single[4], sharded[4]) < RESHARD_REL, (single, sharded)
+
+
 # ----------------------------------------------------------------------------- killed runs
 
 
