@@ -317,9 +317,9 @@ class Qwen25OmniThinker:
         out = dict(inputs)
         thinker = model.model
         for kind, pix_key, grid_key in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):
-            if pix_key in mb and (seg.vision_pre or seg.vision[1] > seg.vision[0] or seg.vision_post):
+            if pix_key in mb and seg.has("vision"):
                 self._vision(thinker.visual, seg, kind, mb[pix_key], mb[grid_key], out)
-        if "input_features" in mb and (seg.audio_pre or seg.audio[1] > seg.audio[0] or seg.audio_post):
+        if "input_features" in mb and seg.has("audio"):
             self._audio(thinker.audio_tower, seg, mb, out)
         if seg.merge:
             self._merge(thinker, mb, out)
