@@ -5,61 +5,24 @@ training loop and the real worker launch."""
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
-import _synth
-from conftest import compose_cfg
-from omnitrain import launch
-from omnitrain.parallel.context import check_layout, world_size_for
-from omnitrain.train.worker import worker
+from _layouts import rel as _rel
+from _layouts import run_layout
 
 STEPS, GLOBAL = 3, 6
 REL = 1e-5
-# Adam divides by sqrt(v) + eps: with the default 1e-8 an element whose
-# gradient is ~1e-9 (deep encoder biases at random init, or key biases whose
-# gradient is zero in exact arithmetic) turns rounding noise from a different
-# but equally valid summation order into an lr-sized step. A larger eps keeps
-# the comparison about the layout, not about amplified noise.
-EPS = 1e-6
-
-
-def _loader(dp_rank, dp_size, *, micro):
-    return _synth.SynthLoader(global_batch_size=GLOBAL, micro_batch_size=micro, dp_rank=dp_rank, dp_size=dp_size)
-
-
-def _save_params(path, trainer):
-    local = {n: p.detach().clone() for n, p in trainer.adapter.local_parameters(trainer.model)}
-    torch.save(local, f"{path}/params_{trainer.ctx.rank if trainer.ctx else 0}.pt")
 
 
 def _run(tmp_path, name, overrides, micro=1):
-    out = tmp_path / name
-    out.mkdir()
-    cfg = compose_cfg(
-        [f"train.steps={STEPS}", f"train.global_batch_size={GLOBAL}", f"train.micro_batch_size={micro}", "parallel.timeout_s=60", f"optim.eps={EPS}", *overrides],
-        output_dir=out,
-    )
-    check_layout(cfg)
-    n = world_size_for(cfg)
-    rows = launch.launch(
-        worker, n, cfg, functools.partial(_loader, micro=micro), functools.partial(_save_params, str(out)), timeout_s=120
-    )
-    params = {}
-    for f in out.glob("params_*.pt"):
-        params.update(torch.load(f))
-    return [r["loss"] for r in rows], params
+    losses, _, params = run_layout(tmp_path / name, overrides, steps=STEPS, global_batch=GLOBAL, micro=micro)
+    return losses, params
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     return _run(tmp_path_factory.mktemp("ref"), "single", ["parallel=single"])
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
 LAYOUTS = {

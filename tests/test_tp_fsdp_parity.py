@@ -9,64 +9,23 @@ full tensors before they are compared.
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
-import _synth
-from conftest import compose_cfg
-from omnitrain import launch
-from omnitrain.parallel.context import check_layout, world_size_for
-from omnitrain.train.worker import worker
+from _layouts import rel as _rel
+from _layouts import run_layout as _run_layout
 
 STEPS, GLOBAL = 3, 4
 REL = 1e-5
-EPS = 1e-6  # why: see tests/test_pipeline_parity.py
-
-
-def _loader(dp_rank, dp_size, *, micro):
-    return _synth.SynthLoader(global_batch_size=GLOBAL, micro_batch_size=micro, dp_rank=dp_rank, dp_size=dp_size)
-
-
-def _save_params(path, trainer):
-    from torch.distributed.tensor import DTensor
-
-    local = {}
-    # Every rank of a stage walks the same parameters in the same order, so the
-    # gathers (collectives over the stage's dp/tp mesh) line up.
-    for n, p in trainer.adapter.local_parameters(trainer.model):
-        t = p.detach()
-        local[n] = (t.full_tensor() if isinstance(t, DTensor) else t).clone()
-    torch.save(local, f"{path}/params_{trainer.ctx.rank if trainer.ctx else 0}.pt")
 
 
 def run_layout(tmp_path, name, overrides, micro=1):
-    out = tmp_path / name
-    out.mkdir()
-    cfg = compose_cfg(
-        [f"train.steps={STEPS}", f"train.global_batch_size={GLOBAL}", f"train.micro_batch_size={micro}",
-         "parallel.timeout_s=60", f"optim.eps={EPS}", *overrides],
-        output_dir=out,
-    )
-    check_layout(cfg)
-    n = world_size_for(cfg)
-    rows = launch.launch(
-        worker, n, cfg, functools.partial(_loader, micro=micro), functools.partial(_save_params, str(out)), timeout_s=120
-    )
-    params = {}
-    for f in sorted(out.glob("params_*.pt")):
-        params.update(torch.load(f))
-    return [r["loss"] for r in rows], [r["grad_norm"] for r in rows], params
+    return _run_layout(tmp_path / name, overrides, steps=STEPS, global_batch=GLOBAL, micro=micro)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     return run_layout(tmp_path_factory.mktemp("ref"), "single", ["parallel=single"])
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
 LAYOUTS = {
