@@ -12,7 +12,9 @@ are not counted. The worst rank of each layout is printed (it sets the
 memory a device needs).
 
 --measure runs the tiny model (model=qwen25_omni) one step per layout on
-this machine and prints rank 0's peak (on CPU: peak RSS, dominated by the
+this machine and prints, per rank, the training state it really holds
+(bytes of its local parameter, gradient and optimizer-state tensors after the
+step, shards only) and its peak memory (on CPU: peak RSS, dominated by the
 Python process itself; on an accelerator: peak allocated bytes).
 """
 
@@ -25,6 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+import torch  # noqa: E402
+
 from omnitrain.plan import BYTES_PER_PARAM_TRAIN, compose  # noqa: E402
 
 # name -> (parallel config, overrides, tp per module); the last one is the
@@ -33,8 +37,8 @@ LAYOUTS = {
     "single": ["parallel=single"],
     "fsdp8": ["parallel=fsdp4", "parallel.dp=8", "train.global_batch_size=8"],
     "pp4_hetero": ["parallel=pp4_hetero"],
-    # vision/audio dp 2 next to llm dp 1 x tp 2: micro-batches of 2 (MindSpeed-MM's rule)
-    "pp4_tp2_hetero": ["parallel=pp4_hetero", "parallel.tp={vision: 1, audio: 1, llm: 2}", "train.micro_batch_size=2", "train.global_batch_size=8"],
+    # vision/audio dp 2 next to llm dp 1 x tp 2: micro-batches of 2 (MindSpeed-MM's rule), global 8
+    "pp4_tp2_hetero": ["parallel=pp4_tp2_hetero"],
 }
 
 
@@ -84,8 +88,39 @@ def rank_bytes(cfg, adapter, model) -> list[tuple[int, int]]:
     return out
 
 
-def measure(name: str, overrides: list[str]) -> float:
-    """Rank 0's peak (GiB) over one step of the tiny model under a layout."""
+def _held_bytes(trainer) -> int:
+    """Bytes of this rank's local parameter, gradient and optimizer-state tensors (shards only)."""
+
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    total = 0
+    for p in trainer.params:
+        # The step ends with zero_grad(set_to_none): a trainable parameter's
+        # gradient (same shape as its local shard) is counted as it was held.
+        total += local(p).numel() * local(p).element_size() * (2 if p.requires_grad else 1)
+    for state in trainer.optimizer.state.values():
+        for v in state.values():
+            if torch.is_tensor(v) and v.dim() > 0:
+                total += local(v).numel() * local(v).element_size()
+    return total
+
+
+def _report(out_dir: str, trainer) -> None:
+    import json
+
+    from omnitrain import device
+
+    rank = trainer.ctx.rank if trainer.ctx else 0
+    stage = trainer.ctx.pp_rank if trainer.ctx else 0
+    row = {"rank": rank, "stage": stage, "held": _held_bytes(trainer), "peak": device.peak_memory_bytes(trainer.dev)}
+    Path(out_dir, f"mem_{rank}.json").write_text(json.dumps(row))
+
+
+def measure(name: str, overrides: list[str]) -> list[dict]:
+    """Per rank: training state held and peak over one step of the tiny model."""
+    import functools
+    import json
     import tempfile
 
     from omnitrain import launch
@@ -93,14 +128,15 @@ def measure(name: str, overrides: list[str]) -> float:
     from omnitrain.train.worker import worker
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose(["model=qwen25_omni", "train.steps=1", "train.progress=false", "parallel.timeout_s=120", *overrides])
+        cfg = compose(["model=qwen25_omni", "train.steps=1", "train.progress=false", "parallel.timeout_s=300", *overrides])
         from omegaconf import open_dict
 
         with open_dict(cfg):
             cfg.train.output_dir = tmp
         check_layout(cfg)
-        rows = launch.launch(worker, world_size_for(cfg), cfg, timeout_s=300, layout=name)
-    return rows[-1]["peak_mem_gib"]
+        # Keep the optimizer state the step created: the report runs after the last step.
+        launch.launch(worker, world_size_for(cfg), cfg, None, functools.partial(_report, tmp), timeout_s=600, layout=name)
+        return sorted((json.loads(f.read_text()) for f in Path(tmp).glob("mem_*.json")), key=lambda r: r["rank"])
 
 
 def main(argv=None) -> None:
@@ -123,13 +159,17 @@ def main(argv=None) -> None:
         stages = " ".join(f"{b / 2**30:.1f}" for _, b in per)
         print(f"{name:<16} {Sizes.from_cfg(cfg).world:>5} {worst / 2**30:>15.2f}  [{stages}]")
     if args.measure:
-        print("\nmeasured, tiny model (model=qwen25_omni), one step, rank 0 peak:")
+        print("\nmeasured, tiny model (model=qwen25_omni), one step: per rank, training state held "
+              "(local params + grads + optimizer state) and peak memory")
+        print(f"{'layout':<16} {'ranks':>5} {'worst held MiB':>15} {'worst peak GiB':>15}  held MiB per rank")
         for name, overrides in LAYOUTS.items():
-            if "tp={vision: 1" in " ".join(overrides):
-                print(f"{name:<16} not runnable yet (per-module TP sizes need redistribution)")
-                continue
-            print(f"{name:<16} {measure(name, overrides):.2f} GiB", flush=True)
-
+            rows = measure(name, overrides)
+            held = " ".join(f"{r['held'] / 2**20:.1f}" for r in rows)
+            print(
+                f"{name:<16} {len(rows):>5} {max(r['held'] for r in rows) / 2**20:>15.1f} "
+                f"{max(r['peak'] for r in rows) / 2**30:>15.2f}  [{held}]",
+                flush=True,
+            )
 
 if __name__ == "__main__":
     main()

@@ -64,3 +64,18 @@ def test_dp_mode_and_world():
     assert world_size_for(compose_cfg(["parallel=pp2_tp2"])) == 4
     assert world_size_for(compose_cfg(["parallel=fsdp4"])) == 4
     assert world_size_for(compose_cfg(["parallel=tp2", "parallel.dp=2"])) == 4
+    assert world_size_for(compose_cfg(["parallel=hetero_tp"])) == 4
+    assert world_size_for(compose_cfg(["parallel=pp4_tp2_hetero"])) == 8
+
+
+def test_encoder_tp_at_most_llm_tp():
+    with pytest.raises(ConfigError, match=r"parallel.tp.vision=2 is larger than parallel.tp.llm=1: an encoder's TP size must be at most the LLM's"):
+        _check("parallel.tp={vision: 2, audio: 1, llm: 1}")
+
+
+def test_hetero_layouts_pass_their_rules():
+    # each sets the micro-batch (and global batch) its rules need
+    for name in ("hetero_tp", "pp4_tp2_hetero"):
+        _check(f"parallel={name}")
+    with pytest.raises(ConfigError, match=r"raise train.micro_batch_size to a multiple of 2"):
+        _check("parallel=pp4_tp2_hetero", "train.micro_batch_size=1", "train.global_batch_size=4")

@@ -8,16 +8,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _layouts import check_parity, run_layout
 from _layouts import rel as _rel
-from _layouts import run_layout
 
 STEPS, GLOBAL = 3, 6
 REL = 1e-5
 
 
 def _run(tmp_path, name, overrides, micro=1):
-    losses, _, params = run_layout(tmp_path / name, overrides, steps=STEPS, global_batch=GLOBAL, micro=micro)
-    return losses, params
+    return run_layout(tmp_path / name, overrides, steps=STEPS, global_batch=GLOBAL, micro=micro)
 
 
 @pytest.fixture(scope="module")
@@ -55,25 +54,13 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(tmp_path, reference, name):
-    ref_losses, ref_params = reference
-    losses, params = _run(tmp_path, name, LAYOUTS[name])
-    assert len(losses) == STEPS
-    for a, b in zip(losses, ref_losses):
-        assert abs(a - b) / abs(b) < REL, (losses, ref_losses)
-    assert params.keys() == ref_params.keys()
-    worst = max((_rel(params[k], ref_params[k]), k) for k in ref_params)
-    assert worst[0] < REL, worst
-    flat = torch.cat([p.reshape(-1) for p in params.values()])
-    ref_flat = torch.cat([ref_params[k].reshape(-1) for k in params])
-    assert _rel(flat, ref_flat) < REL
-    # training moved the parameters: the comparison is not trivially true
-    assert ref_losses[-1] != ref_losses[0]
+    check_parity(_run(tmp_path, name, LAYOUTS[name]), reference, STEPS, name)
 
 
 def test_micro_batch_size_does_not_change_the_step(tmp_path, reference):
     # Padded batches of 2 or 3 change the kernels' shapes (rounding), so only
     # the losses are compared here; the layouts above use one sample per micro-batch.
-    losses, _ = _run(tmp_path, "micro3_dp2", ["parallel=dp2"], micro=3)
+    losses, _, _ = _run(tmp_path, "micro3_dp2", ["parallel=dp2"], micro=3)
     for a, b in zip(losses, reference[0]):
         assert abs(a - b) / abs(b) < REL
 
@@ -82,8 +69,8 @@ def test_frozen_vision_stage_gets_a_noop_optimizer(tmp_path):
     # pp4_hetero puts only vision on stage 0: frozen, that stage owns no
     # trainable parameter and must still run its part of every step.
     frozen = ["model.trainable.vision=false"]
-    ref_losses, ref_params = _run(tmp_path, "single_frozen", ["parallel=single", *frozen])
-    losses, params = _run(tmp_path, "pp4_frozen", ["parallel=pp4_hetero", *frozen])
+    ref_losses, _, ref_params = _run(tmp_path, "single_frozen", ["parallel=single", *frozen])
+    losses, _, params = _run(tmp_path, "pp4_frozen", ["parallel=pp4_hetero", *frozen])
     for a, b in zip(losses, ref_losses):
         assert abs(a - b) / abs(b) < REL
     vision = [k for k in ref_params if k.startswith("model.visual.")]

@@ -308,21 +308,28 @@ class Qwen25OmniThinker:
         return {"pixel_values_videos": pix, "video_grid_thw": grid, "video_second_per_grid": torch.ones(1)}
 
     # ---- forward ----------------------------------------------------------
-    def stage_forward(self, model: nn.Module, seg: Segments, mb: dict, inputs: dict, num_label_tokens) -> dict | torch.Tensor:
+    def stage_forward(
+        self, model: nn.Module, seg: Segments, mb: dict, inputs: dict, num_label_tokens, gather=None
+    ) -> dict | torch.Tensor:
         """Run this stage's segments on one micro-batch.
 
         `inputs` is what the previous stage sent (empty on the first stage).
         Returns the dict for the next stage, or the loss on the head stage.
+        [parallel hook] `mb["_slices"][module]`, where present, holds the
+        media this rank encodes for `module` (a part of the micro-batch's
+        samples, see `slice_media`); `gather[module]` joins the parts' features.
         """
         out = dict(inputs)
         thinker = model.model
+        slices = mb.get("_slices", {})
+        vis, aud = slices.get("vision", mb), slices.get("audio", mb)
         for kind, pix_key, grid_key in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):
-            if pix_key in mb and seg.has("vision"):
-                self._vision(thinker.visual, seg, kind, mb[pix_key], mb[grid_key], out)
-        if "input_features" in mb and seg.has("audio"):
-            self._audio(thinker.audio_tower, seg, mb, out)
+            if pix_key in vis and seg.has("vision"):
+                self._vision(thinker.visual, seg, kind, vis[pix_key], vis[grid_key], out)
+        if "input_features" in aud and seg.has("audio"):
+            self._audio(thinker.audio_tower, seg, aud, out)
         if seg.merge:
-            self._merge(thinker, mb, out)
+            self._merge(thinker, mb, out, gather or {})
         if seg.llm[1] > seg.llm[0]:
             self._llm(thinker.language_model, seg, mb, out)
         if seg.head:
@@ -395,18 +402,22 @@ class Qwen25OmniThinker:
         else:
             out["audio_h"] = h
 
-    def _merge(self, thinker, mb, out):
+    def _merge(self, thinker, mb, out, gather):
         ids = mb["input_ids"]
         emb = thinker.language_model.embed_tokens(ids)
         ids_ = self.token_ids
+        slices = mb.get("_slices", {})
         for kind in ("audio", "image", "video"):
+            module = "audio" if kind == "audio" else "vision"
             feats = out.pop(f"{kind}_emb", None)
-            if feats is not None and kind in mb.get("_dummy", ()):  # [parallel hook] see dummy_media
-                emb = emb + 0.0 * feats.sum()
-                continue
+            if feats is not None and kind in slices.get(module, mb).get("_dummy", ()):  # [parallel hook] see dummy_media
+                emb = emb + 0.0 * feats.sum()  # keeps the dummy pass in the graph: its grads are zeros
+                feats = feats[:0]
+            if feats is not None and module in slices:
+                feats = gather[module](feats)  # this rank encoded a part of the samples: join the parts
             mask = ids == ids_[kind]
             n_tok = int(mask.sum())
-            if feats is None:
+            if feats is None or feats.shape[0] == 0:
                 if n_tok:
                     raise ValueError(f"micro-batch has {n_tok} {kind} tokens but no {kind} features")
                 continue
@@ -417,11 +428,58 @@ class Qwen25OmniThinker:
         out["h"] = emb
         out["pos"] = self.rope_positions(thinker, mb)
 
+    def media_items(self, mb: dict) -> list[tuple[int, int, int]]:
+        """(images, videos, audios) of each sample of a micro-batch. Media rows
+        (grids, pixel rows, audio rows) follow sample order, so these counts
+        locate a sample's rows. A video with its soundtrack interleaved
+        (use_audio_in_video) starts with audio_start after vision_start."""
+        ids, am = mb["input_ids"], mb["attention_mask"]
+        flags = mb.get("use_audio_in_video")
+        tok = self.token_ids
+        out = []
+        for b in range(ids.shape[0]):
+            row = ids[b][am[b].bool()]
+            starts = row[torch.nonzero(row == tok["vision_start"]).squeeze(1) + 1]
+            n_img = int((starts == tok["image"]).sum())
+            n_vid = int((starts == tok["video"]).sum())
+            if flags is not None and bool(flags[b]):
+                n_vid += int((starts == tok["audio_start"]).sum())
+            out.append((n_img, n_vid, int((row == tok["audio_start"]).sum())))
+        return out
+
+    # Micro-batch keys each encoder reads.
+    MEDIA_KEYS = {
+        "vision": ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "video_second_per_grid"),
+        "audio": ("input_features", "feature_attention_mask"),
+    }
+
+    def slice_media(self, mb: dict, module: str, lo: int, hi: int) -> dict:
+        """[parallel hook] `module`'s media of samples [lo, hi) of a micro-batch."""
+        items = self.media_items(mb)
+        before = [sum(c) for c in zip((0, 0, 0), *items[:lo])]
+        within = [sum(c) for c in zip((0, 0, 0), *items[lo:hi])]
+        out = {}
+        if module == "audio":
+            a, n = before[2], within[2]
+            if n:
+                out = {k: mb[k][a : a + n] for k in self.MEDIA_KEYS["audio"]}
+            return out
+        for i, pix, grid, extra in ((0, "pixel_values", "image_grid_thw", None), (1, "pixel_values_videos", "video_grid_thw", "video_second_per_grid")):
+            a, n = before[i], within[i]
+            if not n:
+                continue
+            rows = mb[grid].prod(-1)
+            r0 = int(rows[:a].sum())
+            out[pix] = mb[pix][r0 : r0 + int(rows[a : a + n].sum())]
+            out[grid] = mb[grid][a : a + n]
+            if extra in mb:
+                out[extra] = mb[extra][a : a + n]
+        return out
+
     def rope_positions(self, thinker, mb) -> torch.Tensor:
         """3-D rope positions (3,B,S), per sample so `use_audio_in_video` can differ per sample."""
         ids, am = mb["input_ids"], mb["attention_mask"]
         flags = mb.get("use_audio_in_video")
-        tok = self.token_ids
         img_grid, vid_grid = mb.get("image_grid_thw"), mb.get("video_grid_thw")
         spg = mb.get("video_second_per_grid")
         fmask = mb.get("feature_attention_mask")
@@ -437,12 +495,7 @@ class Qwen25OmniThinker:
         # Mixed flags in one micro-batch: one sample at a time, each with its own slice of grids.
         rows = []
         i_img = i_vid = i_aud = 0
-        for b in range(ids.shape[0]):
-            row = ids[b][am[b].bool()]
-            starts = row[torch.nonzero(row == tok["vision_start"]).squeeze(1) + 1]
-            n_img = int((starts == tok["image"]).sum())
-            n_vid = int((starts == tok["video"]).sum()) + (int((starts == tok["audio_start"]).sum()) if flags[b] else 0)
-            n_aud = int((row == tok["audio_start"]).sum())
+        for b, (n_img, n_vid, n_aud) in enumerate(self.media_items(mb)):
             pos, _ = thinker.get_rope_index(
                 ids[b : b + 1],
                 img_grid[i_img : i_img + n_img] if n_img else None,

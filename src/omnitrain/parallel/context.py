@@ -11,6 +11,7 @@ batch's label-token count.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -21,7 +22,7 @@ from hydra.utils import instantiate
 from omnitrain import device
 from omnitrain.config import ConfigError, validate
 from omnitrain.parallel.layout import StagePlan, validate_layout
-from omnitrain.parallel.mesh import MODULES, Sizes, build_mesh
+from omnitrain.parallel.mesh import MODULES, Sizes, build_mesh, build_part_mesh
 from omnitrain.parallel.tp import check_divisible as check_tp_divisible
 
 DP_MODES = ("replicate", "fsdp")
@@ -40,6 +41,18 @@ def check_encoder_dp(sizes: Sizes, micro_batch_size: int) -> None:
                 f"is not divisible by the {enc} encoder's dp = {d} (parallel.tp.{enc}={sizes.tp[enc]} vs "
                 f"parallel.tp.llm={sizes.tp['llm']}): raise train.micro_batch_size to a multiple of "
                 f"{d // math.gcd(d, sizes.dp_of('llm'))} or make the TP sizes equal"
+            )
+
+
+def check_encoder_tp(sizes: Sizes) -> None:
+    """An encoder's TP size may be below the LLM's (its extra replicas each
+    encode a part of the micro-batch), not above: that would need the
+    samples of several LLM replicas gathered into one encoder replica."""
+    for enc in ("vision", "audio"):
+        if sizes.tp[enc] > sizes.tp["llm"]:
+            raise ConfigError(
+                f"parallel.tp.{enc}={sizes.tp[enc]} is larger than parallel.tp.llm={sizes.tp['llm']}: an encoder's TP "
+                f"size must be at most the LLM's; lower parallel.tp.{enc} or raise parallel.tp.llm"
             )
 
 
@@ -76,12 +89,8 @@ def check_layout(cfg, depths: dict[str, int] | None = None) -> list[StagePlan]:
     dp = sizes.dp
     adapter = instantiate(cfg.model, _convert_="all")
     check_tp_divisible(sizes.tp, adapter.tp_sizes())
+    check_encoder_tp(sizes)
     check_encoder_dp(sizes, cfg.train.micro_batch_size)
-    if not sizes.uniform_tp:
-        raise ConfigError(
-            f"parallel.tp={dict(cfg.parallel.tp)}: different TP sizes per module are not implemented yet "
-            "(no redistribution between modules); give every module the same TP size"
-        )
     pp = cfg.parallel.pp
     layers = None if pp.layers is None else {k: list(v) for k, v in pp.layers.items()}
     return validate_layout(
@@ -95,12 +104,35 @@ def check_layout(cfg, depths: dict[str, int] | None = None) -> list[StagePlan]:
 
 
 @dataclass
+class ModuleMesh:
+    """One module's (pp, dp, tp) view of the stage's ranks.
+
+    `parts` > 1 when the module's TP size is below the LLM's: the `parts`
+    replicas inside one LLM TP group each encode part `part` of the samples,
+    and `part_group` joins their features (parallel/redistribute.py).
+    """
+
+    mesh: object
+    dp_rank: int
+    dp_size: int
+    tp_rank: int
+    tp_size: int
+    parts: int = 1
+    part: int = 0
+    part_group: object = None
+
+    @property
+    def dp_group(self):
+        return self.mesh["dp"].get_group()
+
+
+@dataclass
 class ParallelContext:
     rank: int
     world_size: int
     pp_rank: int
     pp_size: int
-    dp_rank: int
+    dp_rank: int  # the LLM's; the data loader is sharded by it
     dp_size: int
     stage_plans: list[StagePlan]  # the (virtual) stages this rank runs
     num_stages: int
@@ -111,9 +143,10 @@ class ParallelContext:
     tp_rank: int = 0
     tp_size: int = 1
     tp_group: object = None
-    mesh: object = None  # DeviceMesh ("pp", "dp", "tp"), built once
+    mesh: object = None  # the LLM's DeviceMesh ("pp", "dp", "tp"), built once
     dp_mode: str = "replicate"
     fsdp_opts: object = None
+    modules: dict = field(default_factory=dict)  # module -> ModuleMesh
 
     @classmethod
     def build(cls, cfg, depths: dict[str, int]) -> "ParallelContext":
@@ -124,17 +157,30 @@ class ParallelContext:
                 f"parallel: pp x dp x tp = {sizes.pp} x {sizes.dp} x {sizes.tp_max} but the world has {world} processes"
             )
         plans = check_layout(cfg, depths)
-        tp = sizes.tp_max
-        mesh = build_mesh(device.detect(cfg.train.device).type, sizes, tp)
-        pp_rank, rest = divmod(rank, sizes.width)
-        dp_rank, tp_rank = divmod(rest, tp)
-        pp_mesh = mesh["pp"]
-        pp_ranks = [int(r) for r in pp_mesh.mesh.tolist()]
+        dev_type = device.detect(cfg.train.device).type
+        pp_rank, local = divmod(rank, sizes.width)
+        # One mesh per distinct TP size (modules with equal sizes share it), built
+        # in the same order on every rank.
+        meshes, modules = {}, {}
+        t_llm = sizes.tp["llm"]
+        for m in MODULES:
+            t = sizes.tp[m]
+            if t not in meshes:
+                meshes[t] = build_mesh(dev_type, sizes, t)
+                if t < t_llm:
+                    meshes[t, "part"] = build_part_mesh(dev_type, sizes, t)
+            mm = ModuleMesh(meshes[t], local // t, sizes.width // t, local % t, t)
+            if t < t_llm:
+                mm.parts, mm.part = t_llm // t, (local % t_llm) // t
+                mm.part_group = meshes[t, "part"]["part"].get_group()
+            modules[m] = mm
+        llm = modules["llm"]
+        pp_mesh = llm.mesh["pp"]
         mine = [s for s in plans if s.rank == pp_rank]
         return cls(
-            rank, world, pp_rank, sizes.pp, dp_rank, sizes.dp, mine, len(plans), cfg.parallel.pp.schedule,
-            pp_mesh.get_group(), mesh["dp"].get_group(), pp_ranks, tp_rank, tp, mesh["tp"].get_group(),
-            mesh, cfg.parallel.dp_mode, cfg.parallel.fsdp,
+            rank, world, pp_rank, sizes.pp, llm.dp_rank, llm.dp_size, mine, len(plans), cfg.parallel.pp.schedule,
+            pp_mesh.get_group(), llm.dp_group, [int(r) for r in pp_mesh.mesh.tolist()], llm.tp_rank, llm.tp_size,
+            llm.mesh["tp"].get_group(), llm.mesh, cfg.parallel.dp_mode, cfg.parallel.fsdp, modules,
         )
 
     # ---- what the loop asks -------------------------------------------------
@@ -142,33 +188,57 @@ class ParallelContext:
     def is_logging_rank(self) -> bool:
         return self.rank == 0
 
-    @property
-    def grad_norm_group(self):
-        # Kept for callers of optim.clip_grad_norm; `clip_grad_norm` below covers TP/FSDP shards.
-        return self.pp_group
-
     def parallelize(self, adapter, model, segs):
-        """TP then FSDP on the modules this rank materialized (others stay on meta)."""
+        """TP then FSDP on the modules this rank materialized (others stay on meta),
+        each over its own module mesh."""
         from omnitrain.parallel.fsdp import apply_fsdp
         from omnitrain.parallel.tp import apply_tp
 
         owned = list(dict.fromkeys(p for seg in segs for p in adapter.owned_prefixes(seg)))
-        if self.tp_size > 1:
-            for module in MODULES:
-                apply_tp(model, adapter, module, self.mesh["tp"], [p for p in owned if adapter.module_of(p + ".") == module])
+        per_module = {m: [p for p in owned if adapter.module_of(p + ".") == m] for m in MODULES}
+        for m, mm in self.modules.items():
+            if mm.tp_size > 1:
+                apply_tp(model, adapter, m, mm.mesh["tp"], per_module[m])
         if self.dp_mode == "fsdp":
             dev = next((p.device for p in model.parameters() if not p.is_meta), None)
-            apply_fsdp(model, owned, self.mesh["dp"], self.fsdp_opts, dev)
+            for m, mm in self.modules.items():
+                apply_fsdp(model, per_module[m], mm.mesh["dp"], self.fsdp_opts, dev)
         return model
 
     def prepare_micro_batches(self, adapter, micro_batches: list[dict], dev) -> list[dict]:
-        """Give every dp replica the same encoder passes (dummy media where missing):
-        FSDP's per-unit collectives, and the replicate all-reduce's grad set, need it."""
-        if self.dp_size == 1:
-            return micro_batches
-        from omnitrain.parallel.fsdp import align_media
+        """Per encoder: take this rank's part of the samples where the encoder has
+        more replicas than the LLM, then give every replica of the encoder the
+        same passes (dummy media where missing): FSDP's per-unit collectives,
+        and the replicate all-reduce's grad set, need it."""
+        from omnitrain.parallel.fsdp import MEDIA, align_media
+        from omnitrain.parallel.redistribute import part_range
 
-        return align_media(adapter, micro_batches, self.dp_group, dev)
+        out = []
+        for mb in micro_batches:
+            slices = {}
+            for m, mm in self.modules.items():
+                if mm.parts > 1:
+                    lo, hi = part_range(mb["input_ids"].shape[0], mm.parts, mm.part)
+                    slices[m] = adapter.slice_media(mb, m, lo, hi)
+            out.append({**mb, "_slices": slices} if slices else dict(mb))
+        for m, kinds in (("vision", ("image", "video")), ("audio", ("audio",))):
+            mm = self.modules[m]
+            if mm.dp_size == 1:
+                continue
+            media = [x for x in MEDIA if x[0] in kinds]
+            if mm.parts > 1:
+                views = align_media(adapter, [mb["_slices"][m] for mb in out], media, mm.dp_group, dev)
+                for mb, v in zip(out, views):
+                    mb["_slices"] = {**mb["_slices"], m: v}
+            else:
+                out = align_media(adapter, out, media, mm.dp_group, dev)
+        return out
+
+    def gather_hooks(self) -> dict:
+        """module -> function joining the parts' encoder features (modules split in parts)."""
+        from omnitrain.parallel.redistribute import gather_rows
+
+        return {m: functools.partial(gather_rows, group=mm.part_group, rank=mm.part) for m, mm in self.modules.items() if mm.parts > 1}
 
     def dp_sum_ints(self, *values: int) -> tuple[int, ...]:
         t = torch.tensor(values, dtype=torch.int64)
@@ -185,38 +255,44 @@ class ParallelContext:
         names = t.device_mesh.mesh_dim_names or ()
         return any(n == "dp" and pl.is_shard() for n, pl in zip(names, t.placements))
 
-    def reduce_grads(self, params) -> None:
-        """Sum grads over dp replicas; FSDP's grads are already reduce-scattered."""
-        if self.dp_size == 1:
-            return
-        grads = [p.grad for p in params if p.grad is not None and not self._dp_sharded(p.grad)]
-        if not grads:
-            return
-        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-        # One flat buffer: one collective instead of one per parameter.
-        flat = torch.cat([g.reshape(-1) for g in local])
-        dist.all_reduce(flat, group=self.dp_group)
-        offset = 0
-        for g in local:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+    def reduce_grads(self, module_params) -> None:
+        """Sum grads over each module's dp replicas; FSDP's are already reduce-scattered.
 
-    def clip_grad_norm(self, params, max_norm: float) -> torch.Tensor:
+        `module_params`: (module name, parameter) pairs.
+        """
+        for m, mm in self.modules.items():
+            if mm.dp_size == 1:
+                continue
+            grads = [p.grad for mod, p in module_params if mod == m and p.grad is not None and not self._dp_sharded(p.grad)]
+            if not grads:
+                continue
+            local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+            # One flat buffer per module: one collective instead of one per parameter.
+            flat = torch.cat([g.reshape(-1) for g in local])
+            dist.all_reduce(flat, group=mm.dp_group)
+            offset = 0
+            for g in local:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+    def clip_grad_norm(self, module_params, max_norm: float) -> torch.Tensor:
         """Global grad norm over every shard (pp stages, TP and FSDP shards), then
         scale all grads by the same factor; returns the norm before clipping.
 
         Each element is counted once: a rank adds a tensor's squares only if it
-        is coordinate 0 along every mesh dim the tensor is replicated over.
+        is coordinate 0 along every dim of its module's mesh the tensor is
+        replicated over.
         """
         from torch.distributed.tensor import DTensor
 
         from omnitrain.train.optim import sum_of_squares
 
-        coord = {"dp": self.dp_rank, "tp": self.tp_rank}
-        grads = [p.grad for p in params if p.grad is not None]
-        dev = grads[0].device if grads else device.detect(self.mesh.device_type).torch_device(device.local_rank())
+        pairs = [(m, p.grad) for m, p in module_params if p.grad is not None]
+        dev = pairs[0][1].device if pairs else device.detect(self.mesh.device_type).torch_device(device.local_rank())
         sq = torch.zeros((), dtype=torch.float64, device=dev)
-        for g in grads:
+        for m, g in pairs:
+            mm = self.modules[m]
+            coord = {"dp": mm.dp_rank, "tp": mm.tp_rank}
             sharded = set()
             if isinstance(g, DTensor):
                 names = g.device_mesh.mesh_dim_names or ()
@@ -228,7 +304,7 @@ class ParallelContext:
         norm = sq.sqrt().float().cpu()
         if max_norm > 0:
             coef = float(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
-            for g in grads:
+            for _, g in pairs:
                 g.mul_(coef)
         return norm
 
@@ -288,4 +364,4 @@ class _Stage:
         from omnitrain import device
 
         with device.autocast(t.dev, t.dtype):
-            return t.adapter.stage_forward(t.model, self.seg, self.mbs[mb], inputs, self.n)
+            return t.adapter.stage_forward(t.model, self.seg, self.mbs[mb], inputs, self.n, gather=t.gather)

@@ -53,17 +53,21 @@ def apply_fsdp(model: nn.Module, units: list[str], dp_mesh, opts, dev: torch.dev
     return done
 
 
-def align_media(adapter, micro_batches: list[dict], dp_group, dev: torch.device) -> list[dict]:
-    """Add dummy media so every dp rank runs the same encoder passes per micro-batch."""
-    have = torch.tensor([[key in mb for _, key in MEDIA] for mb in micro_batches], dtype=torch.int64, device=dev)
+def align_media(adapter, views: list[dict], media, dp_group, dev: torch.device) -> list[dict]:
+    """Add dummy media so every dp rank runs the same encoder passes per micro-batch.
+
+    `views`: per micro-batch, the dict an encoder reads (the micro-batch, or
+    this rank's part of it); `media`: the (kind, key) pairs of that encoder.
+    """
+    have = torch.tensor([[key in v for _, key in media] for v in views], dtype=torch.int64, device=dev)
     dist.all_reduce(have, group=dp_group)
     out = []
-    for mb, row in zip(micro_batches, have.cpu().tolist()):
-        missing = [kind for (kind, key), n in zip(MEDIA, row) if n and key not in mb]
+    for v, row in zip(views, have.cpu().tolist()):
+        missing = [kind for (kind, key), n in zip(media, row) if n and key not in v]
         if missing:
-            mb = dict(mb)
+            v = dict(v)
             for kind in missing:
-                mb.update({k: v.to(dev) for k, v in adapter.dummy_media(kind).items()})
-            mb["_dummy"] = tuple(missing)
-        out.append(mb)
+                v.update({k: x.to(dev) for k, x in adapter.dummy_media(kind).items()})
+            v["_dummy"] = (*v.get("_dummy", ()), *missing)
+        out.append(v)
     return out

@@ -80,11 +80,22 @@ class Sizes:
 
 
 def build_mesh(device_type: str, sizes: Sizes, tp: int):
-    """One (pp, dp, tp) DeviceMesh over the world; slices of it give every group.
+    """A (pp, dp, tp) DeviceMesh over the world with TP size `tp` per group.
 
-    Built once per process: DeviceMesh creates a process group per dimension,
-    and every rank must create them in the same order.
+    DeviceMesh creates a process group per dimension slice, and every rank must
+    create them in the same order: call it on every rank, once per size.
     """
     from torch.distributed.device_mesh import init_device_mesh
 
     return init_device_mesh(device_type, (sizes.pp, sizes.width // tp, tp), mesh_dim_names=("pp", "dp", "tp"))
+
+
+def build_part_mesh(device_type: str, sizes: Sizes, tp: int):
+    """(pp, dp, part, tp) for a module with TP size `tp` below the LLM's: its
+    "part" dim joins the tp_llm / tp encoder replicas inside one LLM TP group,
+    which together encode one micro-batch (parallel/redistribute.py)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    t_llm = sizes.tp["llm"]
+    shape = (sizes.pp, sizes.width // t_llm, t_llm // tp, tp)
+    return init_device_mesh(device_type, shape, mesh_dim_names=("pp", "dp", "part", "tp"))

@@ -52,6 +52,9 @@ class Trainer:
         if self.ctx is not None:  # [parallel hook] TP / FSDP on this rank's modules
             self.model = self.ctx.parallelize(self.adapter, self.model, self.segs)
         self.params = [p for _, p in self.adapter.local_parameters(self.model)]
+        self.module_params = [(self.adapter.module_of(n), p) for n, p in self.adapter.local_parameters(self.model)]
+        # [parallel hook] joins encoder features computed in parts (per-module TP sizes)
+        self.gather = self.ctx.gather_hooks() if self.ctx is not None else None
         self.optimizer = build_optimizer(self.params, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.dtype = {"fp32": None, "bf16": torch.bfloat16}[cfg.train.dtype]
@@ -105,7 +108,7 @@ class Trainer:
 
     def forward(self, mb: dict, inputs: dict, num_label_tokens):
         with device.autocast(self.dev, self.dtype):
-            return self.adapter.stage_forward(self.model, self.segs[0], mb, inputs, num_label_tokens)
+            return self.adapter.stage_forward(self.model, self.segs[0], mb, inputs, num_label_tokens, gather=self.gather)
 
     def train_step(self, micro_batches: list[dict]) -> StepResult:
         t0 = time.perf_counter()
@@ -128,10 +131,10 @@ class Trainer:
         else:
             loss, extra = self.ctx.run_pipeline(self, micro_batches, n_label)
         if self.ctx is not None:
-            self.ctx.reduce_grads(self.params)
+            self.ctx.reduce_grads(self.module_params)
             loss = self.ctx.reduce_loss(loss)
         if self.ctx is not None:  # [parallel hook] norm over pp stages, TP and FSDP shards
-            grad_norm = self.ctx.clip_grad_norm(self.params, self.cfg.optim.grad_clip)
+            grad_norm = self.ctx.clip_grad_norm(self.module_params, self.cfg.optim.grad_clip)
         else:
             grad_norm = clip_grad_norm(self.params, self.cfg.optim.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
