@@ -26,8 +26,8 @@ def reference(tmp_path_factory):
 LAYOUTS = {
     # one stage: vision dp4 tp1, audio and LLM dp2 tp2
     "hetero_tp": ["parallel=hetero_tp"],
-    # both encoders tp1: both split their parts and gather
-    "hetero_tp_audio1": ["parallel=hetero_tp", "parallel.tp.audio=1"],
+    # both encoders tp1: both split their parts and gather; with sequence parallel
+    "hetero_tp_audio1_sp": ["parallel=hetero_tp", "parallel.tp.audio=1", "parallel.sequence_parallel=true"],
     # four stages of (dp1, LLM tp2, encoders tp1 x 2 parts): 8 processes
     "pp4_tp2_hetero": ["parallel=pp4_tp2_hetero"],
 }

@@ -58,6 +58,9 @@ class ParallelConfig:
     dp: Any = "auto"  # auto | int
     dp_mode: str = "replicate"  # replicate | fsdp
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    # Shard the LLM's norms and residual stream over its TP ranks along the
+    # sequence (Megatron's sequence parallelism); needs parallel.tp.llm > 1.
+    sequence_parallel: bool = False
     # Seconds a collective may wait before the process group aborts.
     timeout_s: int = 300
 

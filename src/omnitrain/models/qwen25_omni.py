@@ -268,6 +268,18 @@ class Qwen25OmniThinker:
             ("lm_head", "vocab_head"),
         ),
     }
+    # Sequence parallelism (parallel.sequence_parallel) for the LLM: its norms
+    # run on sequence shards; attention and MLP gather the sequence on entry
+    # (HF's attention reads the sequence length from its input).
+    SP_PLAN = {
+        "llm": (
+            ("model.language_model.layers.*.input_layernorm", "seq_norm"),
+            ("model.language_model.layers.*.self_attn", "seq_gather_kw"),
+            ("model.language_model.layers.*.post_attention_layernorm", "seq_norm"),
+            ("model.language_model.layers.*.mlp", "seq_gather"),
+            ("model.language_model.norm", "seq_norm"),
+        ),
+    }
     # Head counts HF's encoder attention reshapes by (the LLM's uses -1):
     # after sharding each rank holds heads / tp of them.
     TP_HEAD_ATTRS = {
@@ -291,6 +303,17 @@ class Qwen25OmniThinker:
             },
         }
 
+    def pad_sequence(self, mb: dict, multiple: int) -> dict:
+        """Right-pad a micro-batch's sequence to a multiple of `multiple`, as the
+        collator pads to the longest sample: the new positions are masked out
+        of attention and loss (labels ignored). Sequence parallelism needs
+        equal shards. The id is any non-media token (0)."""
+        extra = -mb["input_ids"].shape[1] % multiple
+        if not extra:
+            return mb
+        pads = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
+        return {**mb, **{k: F.pad(mb[k], (0, extra), value=v) for k, v in pads.items()}}
+
     def dummy_media(self, kind: str) -> dict:
         """The smallest input of one media kind, for a rank whose micro-batch has
         none while a data-parallel peer's has some: FSDP's collectives need
@@ -309,7 +332,7 @@ class Qwen25OmniThinker:
 
     # ---- forward ----------------------------------------------------------
     def stage_forward(
-        self, model: nn.Module, seg: Segments, mb: dict, inputs: dict, num_label_tokens, gather=None
+        self, model: nn.Module, seg: Segments, mb: dict, inputs: dict, num_label_tokens, hooks=None
     ) -> dict | torch.Tensor:
         """Run this stage's segments on one micro-batch.
 
@@ -317,8 +340,10 @@ class Qwen25OmniThinker:
         Returns the dict for the next stage, or the loss on the head stage.
         [parallel hook] `mb["_slices"][module]`, where present, holds the
         media this rank encodes for `module` (a part of the micro-batch's
-        samples, see `slice_media`); `gather[module]` joins the parts' features.
+        samples, see `slice_media`); `hooks[module]` joins the parts' features,
+        `hooks["seq_shard"]` keeps this rank's part of the LLM's sequence.
         """
+        hooks = hooks or {}
         out = dict(inputs)
         thinker = model.model
         slices = mb.get("_slices", {})
@@ -329,7 +354,9 @@ class Qwen25OmniThinker:
         if "input_features" in aud and seg.has("audio"):
             self._audio(thinker.audio_tower, seg, aud, out)
         if seg.merge:
-            self._merge(thinker, mb, out, gather or {})
+            self._merge(thinker, mb, out, hooks)
+            if "seq_shard" in hooks:
+                out["h"] = hooks["seq_shard"](out["h"])
         if seg.llm[1] > seg.llm[0]:
             self._llm(thinker.language_model, seg, mb, out)
         if seg.head:
@@ -402,7 +429,7 @@ class Qwen25OmniThinker:
         else:
             out["audio_h"] = h
 
-    def _merge(self, thinker, mb, out, gather):
+    def _merge(self, thinker, mb, out, hooks):
         ids = mb["input_ids"]
         emb = thinker.language_model.embed_tokens(ids)
         ids_ = self.token_ids
@@ -414,7 +441,7 @@ class Qwen25OmniThinker:
                 emb = emb + 0.0 * feats.sum()  # keeps the dummy pass in the graph: its grads are zeros
                 feats = feats[:0]
             if feats is not None and module in slices:
-                feats = gather[module](feats)  # this rank encoded a part of the samples: join the parts
+                feats = hooks[module](feats)  # this rank encoded a part of the samples: join the parts
             mask = ids == ids_[kind]
             n_tok = int(mask.sum())
             if feats is None or feats.shape[0] == 0:
@@ -513,8 +540,11 @@ class Qwen25OmniThinker:
         from transformers.masking_utils import create_causal_mask
 
         h, pos = out["h"], out["pos"]
+        # The mask spans the whole sequence; under sequence parallelism h holds
+        # a part of it, so the mask takes its length from the attention mask.
+        whole = h.new_empty((h.shape[0], mb["attention_mask"].shape[1], 0))
         mask = create_causal_mask(
-            config=lm.config, inputs_embeds=h, attention_mask=mb["attention_mask"], past_key_values=None, position_ids=None
+            config=lm.config, inputs_embeds=whole, attention_mask=mb["attention_mask"], past_key_values=None, position_ids=None
         )
         rot = lm.rotary_emb(h, pos)
         for i in range(*seg.llm):

@@ -53,8 +53,8 @@ class Trainer:
             self.model = self.ctx.parallelize(self.adapter, self.model, self.segs)
         self.params = [p for _, p in self.adapter.local_parameters(self.model)]
         self.module_params = [(self.adapter.module_of(n), p) for n, p in self.adapter.local_parameters(self.model)]
-        # [parallel hook] joins encoder features computed in parts (per-module TP sizes)
-        self.gather = self.ctx.gather_hooks() if self.ctx is not None else None
+        # [parallel hook] joins encoder features computed in parts, shards the LLM's sequence
+        self.hooks = self.ctx.stage_hooks() if self.ctx is not None else None
         self.optimizer = build_optimizer(self.params, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.dtype = {"fp32": None, "bf16": torch.bfloat16}[cfg.train.dtype]
@@ -108,7 +108,7 @@ class Trainer:
 
     def forward(self, mb: dict, inputs: dict, num_label_tokens):
         with device.autocast(self.dev, self.dtype):
-            return self.adapter.stage_forward(self.model, self.segs[0], mb, inputs, num_label_tokens, gather=self.gather)
+            return self.adapter.stage_forward(self.model, self.segs[0], mb, inputs, num_label_tokens, hooks=self.hooks)
 
     def train_step(self, micro_batches: list[dict]) -> StepResult:
         t0 = time.perf_counter()
