@@ -35,6 +35,12 @@ def test_tp_must_divide_intermediate():
         _check("parallel=tp2", "model.config.text_config.intermediate_size=129")
 
 
+def test_tp_must_divide_vocab():
+    # embeddings and lm_head are sharded over the vocabulary
+    with pytest.raises(ConfigError, match=r"parallel.tp.llm=2: the llm module's vocab_size=152065 is not divisible by 2"):
+        _check("parallel=tp2", "model.config.text_config.vocab_size=152065")
+
+
 def test_tp_sizes_must_nest():
     with pytest.raises(ConfigError, match=r"parallel.tp.vision=2 does not divide the largest TP size 3"):
         Sizes.from_cfg(compose_cfg(["parallel.tp={vision: 2, audio: 1, llm: 3}"]))
