@@ -231,3 +231,40 @@ def test_use_audio_in_video_per_dataset():
     ds = build_dataset(cfg, model_cfg(), processor())
     assert ds[(0, 0)]["use_audio_in_video"] is False
     assert ds[(1, 0)]["use_audio_in_video"] is True
+
+
+@pytest.mark.parametrize("parts", [2, 3, 4])
+def test_encoder_parts_of_a_real_micro_batch(demo, parts):
+    """Per-module TP: an encoder part's media (the adapter's slice_media) is what
+    collating only that part's samples gives, with images, video, audio and
+    video+audio pairs (use_audio_in_video) mixed in one micro-batch."""
+    from hydra.utils import instantiate
+
+    from conftest import compose_cfg
+    from omnitrain.parallel.redistribute import part_range
+
+    adapter = instantiate(compose_cfg([]).model, _convert_="all")
+    _, samples = demo
+    paired = build_dataset(
+        data_cfg(dataset="mllm_video_audio_demo", dataset_options={"mllm_video_audio_demo": {"use_audio_in_video": True}}),
+        model_cfg(),
+        processor(),
+    )
+    ss = list(samples.values())[:9] + [paired[(0, i)] for i in range(3)]
+    ss = ss[::2] + ss[1::2]  # spread the pairs over the parts
+    assert sum(s["use_audio_in_video"] for s in ss) == 3
+    mb = collate(ss, 151643)
+    for p in range(parts):
+        lo, hi = part_range(len(ss), parts, p)
+        sub = collate(ss[lo:hi], 151643)
+        for module, keys in adapter.MEDIA_KEYS.items():
+            got = adapter.slice_media(mb, module, lo, hi)
+            assert set(got) == {k for k in keys if k in sub}, (module, p)
+            for k in got:
+                if k == "input_features":  # the batch pads frames to its own longest audio
+                    n = sub[k].shape[-1]
+                    assert not got[k][..., n:].any()
+                    got[k] = got[k][..., :n]
+                if k == "feature_attention_mask":
+                    got[k] = got[k][..., : sub[k].shape[-1]]
+                assert torch.equal(got[k], sub[k]), (module, p, k)
