@@ -48,8 +48,8 @@ PP4_HETERO = [
 ]
 
 
-def _loader(dp_rank, dp_size):
-    return _synth.SynthLoader(global_batch_size=GLOBAL, micro_batch_size=1, dp_rank=dp_rank, dp_size=dp_size)
+def _loader(dp_rank, dp_size, micro=1):
+    return _synth.SynthLoader(global_batch_size=GLOBAL, micro_batch_size=micro, dp_rank=dp_rank, dp_size=dp_size)
 
 
 def _save_params(path, trainer):
@@ -71,7 +71,8 @@ def _run(out, overrides, steps=STEPS):
     """Train; returns ({step: loss}, final params of all ranks)."""
     out.mkdir(parents=True, exist_ok=True)
     cfg = _cfg(out, overrides, steps)
-    rows = launch.launch(worker, world_size_for(cfg), cfg, _loader, functools.partial(_save_params, str(out)), timeout_s=120)
+    loader = functools.partial(_loader, micro=cfg.train.micro_batch_size)
+    rows = launch.launch(worker, world_size_for(cfg), cfg, loader, functools.partial(_save_params, str(out)), timeout_s=120)
     params = {}
     for f in sorted(out.glob("params_*.pt")):
         params.update(torch.load(f))
@@ -128,9 +129,10 @@ def test_reshard_single_to_dp2(tmp_path, reference):
     assert _rel(dp2[3], ref_losses[3]) < RESHARD_REL, (dp2, ref_losses)
 
 
-@pytest.mark.parametrize("layout", ["fsdp2", "tp2"])
+@pytest.mark.parametrize("layout", ["fsdp2", "tp2", "hetero_tp"])
 def test_reshard_single_to_sharded_and_back(tmp_path, reference, layout):
     # Sharded parameters (FSDP2 / DTensor TP) save their shards; DCP reshards on load.
+    # hetero_tp: LLM tp2 next to encoders tp1 x 2 parts (DTensors on two meshes), micro-batches of 2.
     if layout == "fsdp2":
         ref_dir, ref_losses, _ = reference
         sharded_layout, model = ["parallel=dp2", "parallel.dp_mode=fsdp"], []
@@ -139,7 +141,10 @@ def test_reshard_single_to_sharded_and_back(tmp_path, reference, layout):
         model = ["model.config.text_config.num_key_value_heads=2"]
         ref_dir = tmp_path / "ref"
         ref_losses, _ = _run(ref_dir, ["parallel=single", "train.save_every=2", *model])
-        sharded_layout = ["parallel=tp2"]
+        sharded_layout = {
+            "tp2": ["parallel=tp2"],
+            "hetero_tp": ["parallel.tp={vision: 1, audio: 1, llm: 2}", "train.micro_batch_size=2"],
+        }[layout]
     sharded, _ = _run(
         tmp_path / "sharded", [*sharded_layout, *model, "train.save_every=1", f"train.resume={ref_dir}/checkpoints/step_2"]
     )
