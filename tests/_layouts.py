@@ -65,9 +65,17 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-def check_parity(run, reference, steps: int, name: str, tol: float = 1e-5) -> None:
-    """Losses, grad norms, all parameters together and each parameter tensor
-    within `tol` relative of the reference run."""
+def check_parity(run, reference, steps: int, name: str, tol: float = 1e-5, tensor_tol: float = 1e-5) -> None:
+    """Losses, grad norms, all parameters together and each module's (vision,
+    audio, LLM) within `tol` relative of the reference run; each parameter
+    tensor within `tensor_tol`.
+
+    TP layouts pass tensor_tol=1e-4: row-parallel layers add partial sums in
+    another order, and a few bias tensors whose gradients nearly cancel
+    (k_proj.bias: a shift of every key barely changes softmax) carry that
+    rounding at 5e-6..1e-5 relative, on this CPU; another CPU's kernels round
+    differently. A wrong shard or a mis-summed gradient is off by ~1.
+    """
     losses, norms, params = run
     ref_losses, ref_norms, ref_params = reference
     assert len(losses) == steps, losses
@@ -78,8 +86,11 @@ def check_parity(run, reference, steps: int, name: str, tol: float = 1e-5) -> No
     for a, b in zip(norms, ref_norms):
         assert abs(a - b) / abs(b) < tol, (name, norms, ref_norms)
     assert params.keys() == ref_params.keys(), set(params) ^ set(ref_params)
-    flat = torch.cat([params[k].reshape(-1) for k in ref_params])
-    ref_flat = torch.cat([ref_params[k].reshape(-1) for k in ref_params])
-    assert rel(flat, ref_flat) < tol, (name, rel(flat, ref_flat))
+    groups = {"all": "", "vision": "model.visual.", "audio": "model.audio_tower.", "llm": ("model.language_model.", "lm_head.")}
+    for group, prefix in groups.items():
+        keys = [k for k in ref_params if k.startswith(prefix)]
+        flat = torch.cat([params[k].reshape(-1) for k in keys])
+        ref_flat = torch.cat([ref_params[k].reshape(-1) for k in keys])
+        assert rel(flat, ref_flat) < tol, (name, group, rel(flat, ref_flat))
     worst = max((rel(params[k], ref_params[k]), k) for k in ref_params)
-    assert worst[0] < tol, (name, worst)
+    assert worst[0] < tensor_tol, (name, worst)

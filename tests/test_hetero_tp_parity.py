@@ -35,4 +35,4 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(tmp_path, reference, name):
-    check_parity(_run(tmp_path, name, LAYOUTS[name]), reference, STEPS, name)
+    check_parity(_run(tmp_path, name, LAYOUTS[name]), reference, STEPS, name, tensor_tol=1e-4)  # see check_parity

@@ -67,8 +67,6 @@ def test_encoder_dp_rule_runs_in_check_layout():
 def test_dp_mode_and_world():
     with pytest.raises(ConfigError, match=r"parallel.dp_mode='zero3': use one of replicate, fsdp"):
         _check("parallel.dp_mode=zero3")
-    with pytest.raises(ConfigError, match=r"parallel.dp_mode=fsdp together with TP .* use parallel.dp_mode=replicate with TP"):
-        _check("parallel=tp2", "parallel.dp=2", "parallel.dp_mode=fsdp")
     assert world_size_for(compose_cfg(["parallel=pp2_tp2"])) == 4
     assert world_size_for(compose_cfg(["parallel=fsdp4"])) == 4
     assert world_size_for(compose_cfg(["parallel=tp2", "parallel.dp=2"])) == 4
