@@ -55,18 +55,11 @@ def _tp_sharded(adapter, name: str) -> str | None:
 def rank_bytes(cfg, adapter, model) -> list[tuple[int, int]]:
     """(stage, bytes) for one rank of every pipeline stage (ranks within a stage are equal up to rounding)."""
     from omnitrain.models.qwen25_omni import Segments
-    from omnitrain.parallel.context import check_encoder_dp, num_microbatches
-    from omnitrain.parallel.layout import validate_layout
+    from omnitrain.parallel.context import check_layout
     from omnitrain.parallel.mesh import Sizes
 
-    # The layout rules without check_layout's "runnable now" checks: this is arithmetic.
     sizes = Sizes.from_cfg(cfg)
-    check_encoder_dp(sizes, cfg.train.micro_batch_size)
-    pp = cfg.parallel.pp
-    layers = None if pp.layers is None else {k: list(v) for k, v in pp.layers.items()}
-    plans = validate_layout(
-        pp.size, layers, adapter.depths, num_microbatches=num_microbatches(cfg, sizes.dp), schedule=pp.schedule
-    )
+    plans = check_layout(cfg, adapter.depths)
     fsdp = cfg.parallel.dp_mode == "fsdp"
     params = dict(model.named_parameters())
     out = []

@@ -236,11 +236,11 @@ class ParallelContext:
                     lo, hi = part_range(mb["input_ids"].shape[0], mm.parts, mm.part)
                     slices[m] = adapter.slice_media(mb, m, lo, hi)
             out.append({**mb, "_slices": slices} if slices else dict(mb))
-        for m, kinds in (("vision", ("image", "video")), ("audio", ("audio",))):
+        for m, keys in adapter.MEDIA_KEYS.items():
             mm = self.modules[m]
             if mm.dp_size == 1:
                 continue
-            media = [x for x in MEDIA if x[0] in kinds]
+            media = [(kind, key) for kind, key in MEDIA if key in keys]
             if mm.parts > 1:
                 views = align_media(adapter, [mb["_slices"][m] for mb in out], media, mm.dp_group, dev)
                 for mb, v in zip(out, views):

@@ -43,10 +43,6 @@ class Sizes:
     def dp_of(self, module: str) -> int:
         return self.width // self.tp[module]
 
-    @property
-    def uniform_tp(self) -> bool:
-        return len(set(self.tp.values())) == 1
-
     @classmethod
     def from_cfg(cls, cfg, world_size: int | None = None) -> "Sizes":
         p = cfg.parallel

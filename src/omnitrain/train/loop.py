@@ -51,8 +51,8 @@ class Trainer:
         self.model = self.adapter.build(self.segs, self.dev, cfg.train.seed)
         if self.ctx is not None:  # [parallel hook] TP / FSDP on this rank's modules
             self.model = self.ctx.parallelize(self.adapter, self.model, self.segs)
-        self.params = [p for _, p in self.adapter.local_parameters(self.model)]
         self.module_params = [(self.adapter.module_of(n), p) for n, p in self.adapter.local_parameters(self.model)]
+        self.params = [p for _, p in self.module_params]
         # [parallel hook] joins encoder features computed in parts, shards the LLM's sequence
         self.hooks = self.ctx.stage_hooks() if self.ctx is not None else None
         self.optimizer = build_optimizer(self.params, cfg.optim)
