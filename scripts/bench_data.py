@@ -21,7 +21,6 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -116,7 +115,10 @@ def main() -> None:
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     folder = resolve("builtin:demo")
-    model_cfg = SimpleNamespace(processor="builtin:qwen25_omni_tiny", config={})
+    from omnitrain.models.family import build_family
+    from omnitrain.plan import compose
+
+    model_cfg = build_family(compose(["model=qwen25_omni"]).model)  # the family: processor, chat tokens, transform
     proc = load_processor(model_cfg)
     cfg = data_cfg(dataset_dir=str(folder), dataset=",".join(NAMES), num_workers=args.workers)
     records = demo_records(folder)

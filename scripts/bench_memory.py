@@ -37,47 +37,25 @@ LAYOUTS = {
     "single": ["parallel=single"],
     "fsdp8": ["parallel=fsdp4", "parallel.dp=8", "train.global_batch_size=8"],
     "pp4_hetero": ["parallel=pp4_hetero"],
-    # vision/audio dp 2 next to llm dp 1 x tp 2: micro-batches of 2 (MindSpeed-MM's rule), global 8
-    "pp4_tp2_hetero": ["parallel=pp4_tp2_hetero"],
+    # vision/audio dp 2 next to llm dp 1 x tp 2: micro-batches of 2 (MindSpeed-MM's rule, derived), global 8
+    "pp4_tp2_hetero": ["parallel=pp4_tp2_hetero", "train.global_batch_size=8"],
 }
 
 
-def _tp_sharded(adapter, name: str) -> str | None:
-    """The module whose TP plan shards parameter `name`, else None."""
-    mod_name = name.rsplit(".", 1)[0]
-    for module, plan in adapter.TP_PLAN.items():
-        for pattern, _style in plan:
-            if fnmatch.fnmatchcase(mod_name, pattern) and mod_name.count(".") == pattern.count("."):
-                return module
-    return None
-
-
-def rank_bytes(cfg, adapter, model) -> list[tuple[int, int]]:
-    """(stage, bytes) for one rank of every pipeline stage (ranks within a stage are equal up to rounding)."""
-    from omnitrain.models.qwen25_omni import Segments
+def rank_bytes(cfg, family, model) -> list[tuple[int, int]]:
+    """(pipeline rank, bytes) for one rank of every pipeline stage (ranks within a stage are equal up to rounding)."""
     from omnitrain.parallel.context import check_layout
     from omnitrain.parallel.mesh import Sizes
+    from omnitrain.plan import rank_params
 
-    sizes = Sizes.from_cfg(cfg)
-    plans = check_layout(cfg, adapter.depths)
-    fsdp = cfg.parallel.dp_mode == "fsdp"
-    params = dict(model.named_parameters())
+    sizes = Sizes.from_cfg(cfg, family.module_names)
+    plans = check_layout(cfg, family)
+    fsdp = {m: sizes.dp_of(m) for m in sizes.tp} if cfg.parallel.dp_mode == "fsdp" else None
+    per_stage = rank_params(family, model, plans, sizes.tp, fsdp)
     out = []
-    for rank in range(sizes.pp):
-        segs = [Segments.from_plan(p) for p in plans if p.rank == rank]
-        prefixes = list(dict.fromkeys(p for s in segs for p in adapter.owned_prefixes(s)))
-        total = 0.0
-        for name, p in params.items():
-            if not any(name.startswith(pre + ".") for pre in prefixes):
-                continue
-            module = adapter.module_of(name)
-            n = p.numel()
-            if _tp_sharded(adapter, name) == module:
-                n /= sizes.tp[module]
-            if fsdp:
-                n /= sizes.dp_of(module)
-            total += n
-        out.append((rank, int(total * BYTES_PER_PARAM_TRAIN)))
+    for rank in range(sizes.pp):  # a rank of an interleaved pipeline runs several stages
+        n = sum(r for plan, r in zip(plans, per_stage) if plan.rank == rank)
+        out.append((rank, int(n * BYTES_PER_PARAM_TRAIN)))
     return out
 
 
@@ -137,20 +115,20 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="qwen25_omni_7b")
     ap.add_argument("--measure", action="store_true", help="also run the tiny model one step per layout")
     args = ap.parse_args(argv)
-    from hydra.utils import instantiate
+    from omnitrain.models.family import build_family
 
     print(f"model={args.model}: parameter + gradient + AdamW bytes per rank (fp32, 16 B/param; no activations)")
     print(f"{'layout':<16} {'ranks':>5} {'worst rank GiB':>15}  per stage GiB")
     for name, overrides in LAYOUTS.items():
         cfg = compose([f"model={args.model}", *overrides])
-        adapter = instantiate(cfg.model, _convert_="all")
+        adapter = build_family(cfg.model)
         model = adapter.build_meta()
         from omnitrain.parallel.mesh import Sizes
 
         per = rank_bytes(cfg, adapter, model)
         worst = max(b for _, b in per)
         stages = " ".join(f"{b / 2**30:.1f}" for _, b in per)
-        print(f"{name:<16} {Sizes.from_cfg(cfg).world:>5} {worst / 2**30:>15.2f}  [{stages}]")
+        print(f"{name:<16} {Sizes.from_cfg(cfg, adapter.module_names).world:>5} {worst / 2**30:>15.2f}  [{stages}]")
     if args.measure:
         print("\nmeasured, tiny model (model=qwen25_omni), one step: per rank, training state held "
               "(local params + grads + optimizer state) and peak memory")

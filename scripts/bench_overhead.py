@@ -35,6 +35,7 @@ def main() -> None:
     from omegaconf import open_dict
 
     from omnitrain.config import register_configs
+    from omnitrain.models.family import build_family
     from omnitrain.train.loop import Trainer
     from omnitrain.train.optim import build_optimizer, build_scheduler
 
@@ -47,14 +48,14 @@ def main() -> None:
     with open_dict(cfg):
         cfg.train.steps = total
 
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, build_family(cfg.model))
     loader = iter(trainer.build_data())
     steps = [[next(loader) for _ in range(trainer.num_microbatches)] for _ in range(total)]
 
     # The plain side: the same weights and buffers (same seeded build), HF's own forward.
-    plain = trainer.adapter.build(trainer.segs, trainer.dev, cfg.train.seed)
-    opt = build_optimizer(plain.parameters(), cfg.optim)
-    sched = build_scheduler(opt, cfg.optim, total)
+    plain = trainer.adapter.build(trainer.plans, trainer.dev, cfg.train.seed)
+    opt = build_optimizer(plain.parameters(), cfg.optim.optimizer)
+    sched = build_scheduler(opt, cfg.optim.scheduler, total)
     clip = cfg.optim.grad_clip
 
     losses = {"omni": [], "plain": []}

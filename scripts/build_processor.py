@@ -1,27 +1,38 @@
 #!/usr/bin/env python
-"""Build the shipped Qwen2.5-Omni processor (tokenizer + image/video/audio front ends).
+"""Build the shipped Qwen processors (tokenizer + image/video, and for Omni audio, front ends).
 
-Output: src/omnitrain/assets/qwen25_omni_tiny/ (committed), loadable offline with
-`Qwen2_5OmniProcessor.from_pretrained(dir)`.
+Output, one folder per family under src/omnitrain/assets/ (committed), each loadable
+offline with `<processor class>.from_pretrained(dir)` or `AutoProcessor.from_pretrained(dir)`:
+
+    qwen25_omni  -> qwen25_omni_tiny/  Qwen2_5OmniProcessor
+    qwen2_vl     -> qwen2_vl_tiny/     Qwen2VLProcessor
+    qwen25_vl    -> qwen25_vl_tiny/    Qwen2_5_VLProcessor
 
 Nothing comes from a model hub. The real Qwen vocabulary ships inside the PyPI
 package `dashscope` as a tiktoken rank file; we fetch the wheel with
 `pip download --no-deps` (never installed or imported) and read that one file.
 Pass `--tiktoken PATH` to skip the download; from then on the build is offline.
 
-Deterministic: the same rank file gives byte-identical output files (checked by
-`--check`, which builds into a temp dir and compares with the committed asset).
+The 11 MB tokenizer.json is stored once per distinct content: Qwen2.5-VL's tokenizer
+is Qwen2-VL's plus 8 added tokens, so qwen25_vl_tiny/tokenizer.json is a relative
+symlink to qwen2_vl_tiny's and the 8 extra tokens are listed in its
+tokenizer_config.json `added_tokens_decoder` (the format upstream checkpoints use).
+Building a family also builds the family it links to.
 
-    python scripts/build_processor.py                  # download + build into the asset dir
-    python scripts/build_processor.py --tiktoken qwen.tiktoken --out /tmp/proc
-    python scripts/build_processor.py --check          # rebuild and diff against the asset
+Deterministic: the same rank file gives byte-identical output files (checked by
+`--check`, which builds into a temp dir and compares with the committed assets,
+symlinks by their target).
+
+    python scripts/build_processor.py                    # download + build all families
+    python scripts/build_processor.py --family qwen2_vl --tiktoken qwen.tiktoken --out /tmp/assets
+    python scripts/build_processor.py --check            # rebuild and diff against the assets
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import filecmp
+import dataclasses
 import hashlib
 import json
 import os
@@ -33,7 +44,7 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "src" / "omnitrain" / "assets" / "qwen25_omni_tiny"
+DEFAULT_OUT = REPO / "src" / "omnitrain" / "assets"
 
 # Pinned so a rebuild reads the same bytes; the hash guards against a republished wheel.
 DASHSCOPE_REQ = "dashscope==2.0.2"
@@ -41,14 +52,29 @@ TIKTOKEN_MEMBER = "dashscope/resources/qwen.tiktoken"
 TIKTOKEN_SHA256 = "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186"
 N_RANKS = 151643
 
-# Added tokens of the real Qwen2.5-Omni tokenizer, id order from 151643. Qwen2.5-VL's
-# object_ref/box_start/vision_start/image_pad/video_pad slots are renamed in Omni.
-# The last 8 (tool calls, FIM, repo markers) are added but not "special" there,
-# so decode(skip_special_tokens=True) keeps them, as upstream does.
-ADDED_TOKENS = [
-    ("<|endoftext|>", True),  # 151643
-    ("<|im_start|>", True),  # 151644
-    ("<|im_end|>", True),  # 151645
+# ----------------------------------------------------------------------------- families
+
+# Added tokens of the real tokenizers, in id order from 151643: (content, special).
+# All three share the first three; the next 11 slots (151646-151656) are named for
+# vision grounding in Qwen2-VL / Qwen2.5-VL and partly renamed for audio in Omni.
+# Qwen2.5 added 8 more (tool calls, FIM, repo markers, 151657-151664) that are added
+# but not "special", so decode(skip_special_tokens=True) keeps them, as upstream does;
+# Qwen2-VL predates them and stops at <|video_pad|> (len(tokenizer) 151657).
+CHAT_TOKENS = [("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True)]
+VL_SLOTS = [
+    ("<|object_ref_start|>", True),  # 151646
+    ("<|object_ref_end|>", True),  # 151647
+    ("<|box_start|>", True),  # 151648
+    ("<|box_end|>", True),  # 151649
+    ("<|quad_start|>", True),  # 151650
+    ("<|quad_end|>", True),  # 151651
+    ("<|vision_start|>", True),  # 151652
+    ("<|vision_end|>", True),  # 151653
+    ("<|vision_pad|>", True),  # 151654
+    ("<|image_pad|>", True),  # 151655
+    ("<|video_pad|>", True),  # 151656
+]
+OMNI_SLOTS = [
     ("<|AUDIO|>", True),  # 151646
     ("<|audio_bos|>", True),  # 151647
     ("<|audio_eos|>", True),  # 151648
@@ -60,6 +86,8 @@ ADDED_TOKENS = [
     ("<|vision_pad|>", True),  # 151654
     ("<|IMAGE|>", True),  # 151655
     ("<|VIDEO|>", True),  # 151656
+]
+QWEN25_TOKENS = [
     ("<tool_call>", False),  # 151657
     ("</tool_call>", False),  # 151658
     ("<|fim_prefix|>", False),  # 151659
@@ -69,21 +97,9 @@ ADDED_TOKENS = [
     ("<|repo_name|>", False),  # 151663
     ("<|file_sep|>", False),  # 151664
 ]
-# Upstream's additional_special_tokens list (everything special except endoftext).
-EXTRA_SPECIAL = [t for t, special in ADDED_TOKENS if special and t != "<|endoftext|>"]
-# Named attributes the Omni processor reads from the tokenizer.
-NAMED_TOKENS = {
-    "image_token": "<|IMAGE|>",
-    "video_token": "<|VIDEO|>",
-    "audio_token": "<|AUDIO|>",
-    "vision_bos_token": "<|vision_bos|>",
-    "vision_eos_token": "<|vision_eos|>",
-    "audio_bos_token": "<|audio_bos|>",
-    "audio_eos_token": "<|audio_eos|>",
-}
 
-# The published Qwen2.5-Omni chat template, verbatim (the processor's).
-CHAT_TEMPLATE = (
+# The published chat templates, verbatim (the processors').
+OMNI_CHAT_TEMPLATE = (
     "{% set audio_count = namespace(value=0) %}{% set image_count = namespace(value=0) %}"
     "{% set video_count = namespace(value=0) %}{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -102,12 +118,91 @@ CHAT_TEMPLATE = (
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# Qwen2-VL-*-Instruct and Qwen2.5-VL-*-Instruct publish the same one.
+VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
-# Published Qwen2.5-Omni image settings (CLIP normalisation, 14px patches, 2x2 merge).
+# Published image/video settings, the same for all three families (CLIP
+# normalisation, 14px patches, 2x2 merge, 2-frame temporal patches).
 IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
 IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 MIN_PIXELS = 56 * 56
 MAX_PIXELS = 28 * 28 * 16384
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    asset: str  # folder under the assets root
+    processor_class: str  # transformers class, also what AutoProcessor must return
+    added_tokens: list[tuple[str, bool]]  # ids from N_RANKS on
+    chat_template: str
+    model_max_length: int
+    title: str  # first line of the asset's README
+    notes: str = ""  # README lines on where the asset differs from upstream
+    padding_side: str | None = None  # None: the library default (right)
+    named_tokens: dict[str, str] = dataclasses.field(default_factory=dict)  # tokenizer attributes
+    audio: bool = False  # with a Whisper feature extractor
+    tokenizer_from: str | None = None  # family whose tokenizer.json this one links to
+
+
+FAMILIES = {
+    "qwen25_omni": Family(
+        asset="qwen25_omni_tiny",
+        processor_class="Qwen2_5OmniProcessor",
+        added_tokens=CHAT_TOKENS + OMNI_SLOTS + QWEN25_TOKENS,
+        chat_template=OMNI_CHAT_TEMPLATE,
+        model_max_length=32768,
+        title="Qwen2.5-Omni processor (tokenizer, image/video processors, Whisper features).",
+        notes="Differs from upstream only in feature_extractor chunk_length (30 s instead of 300 s).\n",
+        # The Omni processor reads these from the tokenizer (it has no defaults).
+        named_tokens={
+            "image_token": "<|IMAGE|>",
+            "video_token": "<|VIDEO|>",
+            "audio_token": "<|AUDIO|>",
+            "vision_bos_token": "<|vision_bos|>",
+            "vision_eos_token": "<|vision_eos|>",
+            "audio_bos_token": "<|audio_bos|>",
+            "audio_eos_token": "<|audio_eos|>",
+        },
+        audio=True,
+    ),
+    "qwen2_vl": Family(
+        asset="qwen2_vl_tiny",
+        processor_class="Qwen2VLProcessor",
+        added_tokens=CHAT_TOKENS + VL_SLOTS,
+        chat_template=VL_CHAT_TEMPLATE,
+        model_max_length=32768,
+        title="Qwen2-VL processor (tokenizer, image/video processors), as Qwen/Qwen2-VL-*-Instruct.",
+        padding_side="left",  # as upstream's tokenizer_config
+    ),
+    "qwen25_vl": Family(
+        asset="qwen25_vl_tiny",
+        processor_class="Qwen2_5_VLProcessor",
+        added_tokens=CHAT_TOKENS + VL_SLOTS + QWEN25_TOKENS,
+        chat_template=VL_CHAT_TEMPLATE,
+        model_max_length=131072,
+        title="Qwen2.5-VL processor (tokenizer, image/video processors), as Qwen/Qwen2.5-VL-*-Instruct.",
+        tokenizer_from="qwen2_vl",
+    ),
+}
+GENERATED_NOTE = (
+    "Generated by scripts/build_processor.py from the Qwen tiktoken ranks shipped in the\n"
+    "`dashscope` PyPI wheel; do not edit by hand, re-run the script.\n"
+)
 
 # Mixed-script text for the build-time self-check against a reference tiktoken BPE.
 SELF_CHECK_TEXT = (
@@ -226,15 +321,16 @@ def reference_encode(ranks: dict[bytes, int], text: str) -> list[int]:
 # ----------------------------------------------------------------------------- processor
 
 
-def build_tokenizer(ranks: dict[bytes, int]):
+def build_tokenizer(fam: Family, vocab: dict[str, int], merges: list[tuple[str, str]]):
     from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer
 
-    vocab, merges = build_vocab_and_merges(ranks)
     # Put the added tokens in the vocab at their fixed ids, so their ids never
     # depend on the order in which the tokenizer registers special tokens.
-    for i, (tok, _) in enumerate(ADDED_TOKENS):
-        vocab[tok] = len(ranks) + i
+    vocab = dict(vocab)
+    for i, (tok, _) in enumerate(fam.added_tokens):
+        vocab[tok] = N_RANKS + i
+    optional = {"padding_side": fam.padding_side} if fam.padding_side else {}
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
         merges=merges,
@@ -242,27 +338,25 @@ def build_tokenizer(ranks: dict[bytes, int]):
         bos_token=None,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        extra_special_tokens=list(EXTRA_SPECIAL),
-        **NAMED_TOKENS,  # become tokenizer.image_token etc., which the Omni processor reads
-        model_max_length=32768,
+        # upstream's additional_special_tokens: everything special except endoftext
+        extra_special_tokens=[t for t, special in fam.added_tokens if special and t != "<|endoftext|>"],
+        **fam.named_tokens,  # become tokenizer.image_token etc.
+        **optional,
+        model_max_length=fam.model_max_length,
         clean_up_tokenization_spaces=False,
         errors="replace",
         split_special_tokens=False,
     )
     tokenizer.add_tokens(
-        [AddedToken(t, special=s, normalized=False, lstrip=False, rstrip=False) for t, s in ADDED_TOKENS]
+        [AddedToken(t, special=s, normalized=False, lstrip=False, rstrip=False) for t, s in fam.added_tokens]
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = fam.chat_template
     return tokenizer
 
 
-def build_processor(tokenizer):
-    from transformers import (
-        Qwen2_5OmniProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-        WhisperFeatureExtractor,
-    )
+def build_processor(fam: Family, tokenizer):
+    import transformers
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor, WhisperFeatureExtractor
 
     # torchvision-backed image/video processors: torchvision is a declared dependency
     # and transformers 5 offers no PIL video processor for Qwen2-VL.
@@ -274,29 +368,50 @@ def build_processor(tokenizer):
         image_mean=IMAGE_MEAN,
         image_std=IMAGE_STD,
     )
-    image_processor = Qwen2VLImageProcessor(**common)
-    video_processor = Qwen2VLVideoProcessor(**common)
-    # chunk_length=30, not upstream's 300: the processor pads every clip to
-    # chunk_length seconds; 300 s means 30,000 frames (~15 MB, ~150 ms) per clip
-    # though the encoder only uses the valid frames. 30 s gives 3,000 frames (~9 ms).
-    # Clips longer than 30 s are cut by the processor; the data pipeline must check.
-    feature_extractor = WhisperFeatureExtractor(
-        feature_size=128,
-        sampling_rate=16000,
-        hop_length=160,
-        chunk_length=30,
-        n_fft=400,
-        padding_value=0.0,
-        return_attention_mask=True,
-        dither=0.0,
-    )
-    return Qwen2_5OmniProcessor(
-        image_processor=image_processor,
-        video_processor=video_processor,
-        feature_extractor=feature_extractor,
+    parts = dict(
+        image_processor=Qwen2VLImageProcessor(**common),
+        video_processor=Qwen2VLVideoProcessor(**common),
         tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE,
     )
+    if fam.audio:
+        # chunk_length=30, not upstream's 300: the processor pads every clip to
+        # chunk_length seconds; 300 s means 30,000 frames (~15 MB, ~150 ms) per clip
+        # though the encoder only uses the valid frames. 30 s gives 3,000 frames (~9 ms).
+        # Clips longer than 30 s are cut by the processor; the data pipeline must check.
+        parts["feature_extractor"] = WhisperFeatureExtractor(
+            feature_size=128,
+            sampling_rate=16000,
+            hop_length=160,
+            chunk_length=30,
+            n_fft=400,
+            padding_value=0.0,
+            return_attention_mask=True,
+            dither=0.0,
+        )
+    return getattr(transformers, fam.processor_class)(**parts, chat_template=fam.chat_template)
+
+
+def link_tokenizer(fam: Family, out: Path) -> None:
+    """Replace out/tokenizer.json by a relative link to the tokenizer_from family's.
+
+    That file holds a prefix of this family's added tokens; the rest go into
+    tokenizer_config.json's added_tokens_decoder, which transformers adds in id
+    order on load, so they land on the ids that follow the linked file's.
+    """
+    base = FAMILIES[fam.tokenizer_from]
+    n = len(base.added_tokens)
+    if fam.added_tokens[:n] != base.added_tokens:
+        raise SystemExit(f"{fam.asset}: {base.asset}'s added tokens are not a prefix of its own")
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["added_tokens_decoder"] = {
+        str(N_RANKS + i): dict(content=t, lstrip=False, normalized=False, rstrip=False, single_word=False, special=s)
+        for i, (t, s) in enumerate(fam.added_tokens)
+        if i >= n
+    }
+    config_path.write_text(json.dumps(config), encoding="utf-8")  # normalize_json_files formats it
+    (out / "tokenizer.json").unlink()
+    (out / "tokenizer.json").symlink_to(Path("..") / base.asset / "tokenizer.json")
 
 
 def normalize_json_files(out: Path) -> None:
@@ -314,52 +429,100 @@ def normalize_json_files(out: Path) -> None:
         path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def self_check(out: Path, ranks: dict[bytes, int]) -> None:
+def self_check(fam: Family, out: Path, ranks: dict[bytes, int]) -> None:
     """Reload from disk offline and compare with the reference BPE and the fixed ids."""
-    from transformers import Qwen2_5OmniProcessor
+    import transformers
 
-    proc = Qwen2_5OmniProcessor.from_pretrained(str(out), local_files_only=True)
+    proc = getattr(transformers, fam.processor_class).from_pretrained(str(out), local_files_only=True)
+    auto = type(transformers.AutoProcessor.from_pretrained(str(out), local_files_only=True)).__name__
+    if auto != fam.processor_class:
+        raise SystemExit(f"self-check {fam.asset}: AutoProcessor gives {auto}, expected {fam.processor_class}")
     tok = proc.tokenizer
-    for i, (t, _) in enumerate(ADDED_TOKENS):
-        got = tok.convert_tokens_to_ids(t)
-        if got != N_RANKS + i:
-            raise SystemExit(f"self-check: {t} has id {got}, expected {N_RANKS + i}")
+    got = {i: (str(t), t.special) for i, t in tok.added_tokens_decoder.items()}
+    want = {N_RANKS + i: (t, s) for i, (t, s) in enumerate(fam.added_tokens)}
+    if got != want or len(tok) != N_RANKS + len(want):
+        wrong = sorted(i for i in got.keys() | want.keys() if got.get(i) != want.get(i))
+        raise SystemExit(f"self-check {fam.asset}: added tokens differ at ids {wrong}; len {len(tok)}")
     ours = tok.encode(SELF_CHECK_TEXT, add_special_tokens=False)
     ref = reference_encode(ranks, SELF_CHECK_TEXT)
     if ours != ref:
         first = next(i for i, (a, b) in enumerate(zip(ours + [-1], ref + [-1])) if a != b)
-        raise SystemExit(f"self-check: HF tokenizer differs from reference BPE at token {first}")
+        raise SystemExit(f"self-check {fam.asset}: HF tokenizer differs from reference BPE at token {first}")
     if tok.decode(ours) != SELF_CHECK_TEXT:
-        raise SystemExit("self-check: decode(encode(text)) != text")
+        raise SystemExit(f"self-check {fam.asset}: decode(encode(text)) != text")
     if tok.encode("user", add_special_tokens=False) != [872]:
-        raise SystemExit("self-check: 'user' is not [872]")
-    print(f"self-check ok: {len(ours)} tokens match the reference BPE; added-token ids as upstream")
+        raise SystemExit(f"self-check {fam.asset}: 'user' is not [872]")
+    print(f"self-check ok: {fam.asset}: {len(ours)} tokens match the reference BPE; added-token ids as upstream")
 
 
-def build(out: Path, ranks: dict[bytes, int]) -> None:
-    tokenizer = build_tokenizer(ranks)
-    processor = build_processor(tokenizer)
+def build(fam: Family, out: Path, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
+    processor = build_processor(fam, build_tokenizer(fam, vocab, merges))
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     processor.save_pretrained(str(out))
+    if fam.tokenizer_from:
+        link_tokenizer(fam, out)
     normalize_json_files(out)
-    (out / "README.md").write_text(
-        "Qwen2.5-Omni processor (tokenizer, image/video processors, Whisper features).\n"
-        "Generated by scripts/build_processor.py from the Qwen tiktoken ranks shipped in the\n"
-        "`dashscope` PyPI wheel; do not edit by hand, re-run the script.\n"
-        "Differs from upstream only in feature_extractor chunk_length (30 s instead of 300 s).\n",
-        encoding="utf-8",
-    )
+    (out / "README.md").write_text(f"{fam.title}\n{GENERATED_NOTE}{fam.notes}{sharing_note(fam)}", encoding="utf-8")
+
+
+def sharing_note(fam: Family) -> str:
+    """README lines saying which tokenizer.json is shared with which folder."""
+    lines = ""
+    if fam.tokenizer_from:
+        base = FAMILIES[fam.tokenizer_from]
+        lines += (
+            f"tokenizer.json is a link to ../{base.asset}/tokenizer.json (same vocabulary, merges and\n"
+            f"first {len(base.added_tokens)} added tokens); the {len(fam.added_tokens) - len(base.added_tokens)} "
+            "further added tokens are in tokenizer_config.json's added_tokens_decoder.\n"
+        )
+    users = [f.asset for f in FAMILIES.values() if f.tokenizer_from and FAMILIES[f.tokenizer_from] is fam]
+    if users:
+        lines += f"tokenizer.json is also used, through a link, by {', '.join(users)}.\n"
+    return lines
+
+
+def with_dependencies(names: list[str]) -> list[str]:
+    """The families to build, each after the one its tokenizer.json links to."""
+    order: list[str] = []
+    for name in names:
+        chain = []
+        while name and name not in order and name not in chain:
+            chain.append(name)
+            name = FAMILIES[name].tokenizer_from
+        order += reversed(chain)
+    return order
+
+
+def compare_dirs(committed: Path, built: Path) -> list[str]:
+    """What differs between two asset folders: names, bytes, or a link's target."""
+    names = sorted(p.name for p in committed.iterdir()) if committed.exists() else []
+    built_names = sorted(p.name for p in built.iterdir())
+    if names != built_names:
+        return [f"files {names} vs {built_names}"]
+    diffs = []
+    for name in built_names:
+        a, b = committed / name, built / name
+        if a.is_symlink() or b.is_symlink():
+            if not (a.is_symlink() and b.is_symlink() and os.readlink(a) == os.readlink(b)):
+                diffs.append(f"{name} (link)")
+        elif a.read_bytes() != b.read_bytes():
+            diffs.append(name)
+    return diffs
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", choices=[*FAMILIES, "all"], default="all", help="which processor to build")
     ap.add_argument("--tiktoken", type=Path, help="qwen.tiktoken rank file (skips the dashscope download)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    ap.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"assets root, one folder per family (default {DEFAULT_OUT})"
+    )
     ap.add_argument("--check", action="store_true", help="build into a temp dir and compare with --out")
     ap.add_argument("--no-verify", action="store_true", help="accept a rank file with another sha256")
     args = ap.parse_args(argv)
+    names = with_dependencies(list(FAMILIES) if args.family == "all" else [args.family])
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from the hub
     with tempfile.TemporaryDirectory(prefix="omnitrain-proc-") as tmp:
@@ -368,21 +531,23 @@ def main(argv: list[str] | None = None) -> int:
         ranks = load_ranks(path, verify=not args.no_verify)
         if len(ranks) != N_RANKS:
             raise SystemExit(f"{path}: {len(ranks)} ranks, expected {N_RANKS}")
-        target = tmp / "built" if args.check else args.out
-        build(target, ranks)
-        self_check(target, ranks)
-        if args.check:
-            names = sorted(p.name for p in args.out.iterdir()) if args.out.exists() else []
-            built = sorted(p.name for p in target.iterdir())
-            _, mismatch, errors = filecmp.cmpfiles(args.out, target, built, shallow=False)
-            if names != built or mismatch or errors:
-                print(f"DIFFERENT: files {names} vs {built}; content differs: {mismatch + errors}")
-                return 1
-            print(f"identical: {len(built)} files in {args.out}")
-        else:
-            total = sum(p.stat().st_size for p in target.iterdir())
-            print(f"wrote {target} ({total / 1e6:.1f} MB)")
-    return 0
+        vocab, merges = build_vocab_and_merges(ranks)
+        root = tmp / "built" if args.check else args.out
+        for name in names:
+            fam = FAMILIES[name]
+            build(fam, root / fam.asset, vocab, merges)
+            self_check(fam, root / fam.asset, ranks)
+        failed = False
+        for name in names:
+            asset = FAMILIES[name].asset
+            if args.check:
+                diffs = compare_dirs(args.out / asset, root / asset)
+                failed |= bool(diffs)
+                print(f"DIFFERENT: {asset}: {', '.join(diffs)}" if diffs else f"identical: {asset}")
+            else:
+                files = [p for p in (root / asset).iterdir() if not p.is_symlink()]
+                print(f"wrote {root / asset} ({sum(p.stat().st_size for p in files) / 1e6:.1f} MB)")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ from omnitrain.train.worker import worker
 EPS = 1e-5
 
 
-def _loader(dp_rank, dp_size, *, global_batch, micro):
-    return _synth.SynthLoader(global_batch_size=global_batch, micro_batch_size=micro, dp_rank=dp_rank, dp_size=dp_size)
+def _loader(dp_rank, dp_size, *, global_batch, micro, kinds=None):
+    return _synth.SynthLoader(global_batch_size=global_batch, micro_batch_size=micro, dp_rank=dp_rank, dp_size=dp_size, kinds=kinds)
 
 
 def _save_params(path, trainer):
@@ -44,16 +44,17 @@ def _save_params(path, trainer):
     torch.save(local, f"{path}/params_{trainer.ctx.rank if trainer.ctx else 0}.pt")
 
 
-def run_layout(out: Path, overrides, *, steps: int, global_batch: int, micro: int = 1):
-    """Returns (losses, grad norms, {param name: final tensor})."""
+def run_layout(out: Path, overrides, *, steps: int, global_batch: int, micro: int = 1, kinds=None):
+    """Returns (losses, grad norms, {param name: final tensor}). `kinds`: the
+    synthetic sample kinds (default `_synth.KINDS`, for the Omni thinker)."""
     out.mkdir()
     cfg = compose_cfg(
         [f"train.steps={steps}", f"train.global_batch_size={global_batch}", f"train.micro_batch_size={micro}",
-         "parallel.timeout_s=60", f"optim.eps={EPS}", *overrides],
+         "parallel.timeout_s=60", f"optim.optimizer.eps={EPS}", *overrides],
         output_dir=out,
     )
     check_layout(cfg)
-    loader = functools.partial(_loader, global_batch=global_batch, micro=micro)
+    loader = functools.partial(_loader, global_batch=global_batch, micro=micro, kinds=kinds)
     rows = launch.launch(worker, world_size_for(cfg), cfg, loader, functools.partial(_save_params, str(out)), timeout_s=120)
     params = {}
     for f in sorted(out.glob("params_*.pt")):
@@ -65,10 +66,11 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-def check_parity(run, reference, steps: int, name: str, tol: float = 1e-5, tensor_tol: float = 1e-5) -> None:
-    """Losses, grad norms, all parameters together and each module's (vision,
-    audio, LLM) within `tol` relative of the reference run; each parameter
-    tensor within `tensor_tol`.
+def check_parity(run, reference, steps: int, name: str, tol: float = 1e-5, tensor_tol: float = 1e-5, family=None) -> dict:
+    """Losses, grad norms, all parameters together and each module's (the
+    family's modules: vision, audio, LLM for the Omni thinker, the default)
+    within `tol` relative of the reference run; each parameter tensor within
+    `tensor_tol`. Returns the relative differences it checked (for reports).
 
     TP layouts pass tensor_tol=1e-4: row-parallel layers add partial sums in
     another order, and a few bias tensors whose gradients nearly cancel
@@ -86,11 +88,28 @@ def check_parity(run, reference, steps: int, name: str, tol: float = 1e-5, tenso
     for a, b in zip(norms, ref_norms):
         assert abs(a - b) / abs(b) < tol, (name, norms, ref_norms)
     assert params.keys() == ref_params.keys(), set(params) ^ set(ref_params)
-    groups = {"all": "", "vision": "model.visual.", "audio": "model.audio_tower.", "llm": ("model.language_model.", "lm_head.")}
-    for group, prefix in groups.items():
-        keys = [k for k in ref_params if k.startswith(prefix)]
+    family = family or _default_family()
+    groups = {"all": list(ref_params)}
+    for m in family.module_names:
+        groups[m] = [k for k in ref_params if family.module_of(k) == m]
+    diffs = {
+        "loss": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)),
+        "grad_norm": max(abs(a - b) / abs(b) for a, b in zip(norms, ref_norms)),
+    }
+    for group, keys in groups.items():
+        assert keys, (name, group, "no parameters")
         flat = torch.cat([params[k].reshape(-1) for k in keys])
         ref_flat = torch.cat([ref_params[k].reshape(-1) for k in keys])
-        assert rel(flat, ref_flat) < tol, (name, group, rel(flat, ref_flat))
+        diffs[group] = rel(flat, ref_flat)
+        assert diffs[group] < tol, (name, group, diffs[group])
     worst = max((rel(params[k], ref_params[k]), k) for k in ref_params)
+    diffs["worst_tensor"] = worst
     assert worst[0] < tensor_tol, (name, worst)
+    return diffs
+
+
+@functools.lru_cache(maxsize=None)
+def _default_family():
+    from omnitrain.models.family import build_family
+
+    return build_family(compose_cfg().model)

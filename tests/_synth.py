@@ -23,13 +23,29 @@ KINDS = [
     dict(image=(1, 8, 4), video=(2, 4, 8), audio=120),
 ]
 
+# Vision-language families (no audio): images, videos, both, and text-only
+# samples; two text-only kinds in a row, so that micro-batches of 2 include one
+# without any media. spg = a video's seconds per temporal patch (Qwen2.5-VL
+# spaces its rope positions by it). The (1, 12, 8) image is 6 x 4 merged
+# tokens: two of Qwen2.5-VL's 4 x 4 attention windows, one of them partial.
+KINDS_VL = [
+    dict(image=(1, 4, 4)),
+    dict(video=(2, 4, 8), text=8, spg=0.5),
+    dict(text=20),
+    dict(text=10),
+    dict(image=(1, 12, 8), video=(2, 4, 4), text=16, spg=1.5),
+    dict(image=(1, 8, 4), text=6),
+    dict(video=(3, 4, 4), text=4),
+]
+
 
 def _audio_tokens(frames: int) -> int:
     return ((frames - 1) // 2 + 1 - 2) // 2 + 1
 
 
-def sample(index: int, *, image=None, video=None, audio=None, text=12, vocab=150000) -> dict:
-    """One sample: image/video = (t,h,w) patch grid, audio = mel frames."""
+def sample(index: int, *, image=None, video=None, audio=None, text=12, spg=1.0, vocab=150000) -> dict:
+    """One sample: image/video = (t,h,w) patch grid, audio = mel frames,
+    spg = the video's seconds per grid."""
     g = torch.Generator().manual_seed(1000 + index)
     ids = [IM_START] + torch.randint(0, vocab, (3,), generator=g).tolist()
     s = {}
@@ -39,6 +55,7 @@ def sample(index: int, *, image=None, video=None, audio=None, text=12, vocab=150
     if video is not None:
         ids += [V_START] + [VIDEO] * (video[0] * video[1] * video[2] // 4) + [V_END]
         s["video"] = (video, torch.randn(video[0] * video[1] * video[2], PATCH_DIM, generator=g))
+        s["spg"] = float(spg)
     if audio is not None:
         ids += [A_START] + [AUDIO] * _audio_tokens(audio) + [A_END]
         s["audio"] = torch.randn(MEL, audio, generator=g)
@@ -67,7 +84,7 @@ def collate(samples: list[dict]) -> dict:
             mb[pix] = torch.cat([p for _, p in items])
             mb[grid] = torch.tensor([g for g, _ in items])
             if kind == "video":
-                mb["video_second_per_grid"] = torch.full((len(items),), 1.0)
+                mb["video_second_per_grid"] = torch.tensor([s["spg"] for s in samples if kind in s])
     auds = [s["audio"] for s in samples if "audio" in s]
     if auds:
         T = max(a.shape[1] for a in auds)
@@ -80,12 +97,13 @@ def collate(samples: list[dict]) -> dict:
     return mb
 
 
-def samples(n: int, offset: int = 0) -> list[dict]:
-    return [sample(i, **KINDS[i % len(KINDS)]) for i in range(offset, offset + n)]
+def samples(n: int, offset: int = 0, kinds=None) -> list[dict]:
+    kinds = kinds or KINDS
+    return [sample(i, **kinds[i % len(kinds)]) for i in range(offset, offset + n)]
 
 
-def micro_batches(n: int, batch: int = 1) -> list[dict]:
-    s = samples(n * batch)
+def micro_batches(n: int, batch: int = 1, kinds=None) -> list[dict]:
+    s = samples(n * batch, kinds=kinds)
     return [collate(s[i * batch : (i + 1) * batch]) for i in range(n)]
 
 

@@ -28,3 +28,13 @@ def compose_cfg(overrides=(), output_dir=None):
 @pytest.fixture
 def compose():
     return compose_cfg
+
+
+def stage_plan(merge=False, head=False, pre=(), post=(), **layers):
+    """A StagePlan for tests: module=(lo, hi) layer ranges; merge / head place
+    the LLM's pre / post parts, `pre` / `post` an encoder's."""
+    from omnitrain.parallel.layout import StagePlan
+
+    pre = set(pre) | ({"llm"} if merge else set())
+    post = set(post) | ({"llm"} if head else set())
+    return StagePlan(0, 0, 1, {m: range(*r) for m, r in layers.items()}, frozenset(pre), frozenset(post))

@@ -21,9 +21,20 @@ def _options():
             yield group, f.stem
 
 
+# Layouts written for another family's modules or depths, or for a batch
+# larger than the default one (1F1B needs a micro-batch per stage).
+WITH = {
+    "vl7b_pp2": ["model=qwen25_vl"],
+    "vl7b_pp4": ["model=qwen25_vl"],
+    "vl32b_pp8_tp2": ["model=qwen25_vl_32b", "train.global_batch_size=8"],
+    "vl72b_pp8_tp2": ["model=qwen25_vl_72b", "train.global_batch_size=8"],
+    "pp4_tp2_hetero": ["train.global_batch_size=8"],
+}
+
+
 @pytest.mark.parametrize("group,option", list(_options()))
 def test_every_yaml_composes(group, option):
-    cfg = compose_cfg([f"{group}={option}"])
+    cfg = compose_cfg([f"{group}={option}", *WITH.get(option, [])])
     assert cfg.train.steps >= 1
     if group == "parallel":
         plans = check_layout(cfg)

@@ -12,12 +12,12 @@ import torch
 from hydra.utils import instantiate
 
 import _synth
-from conftest import compose_cfg
+from conftest import compose_cfg, stage_plan
 from omnitrain import launch
 from omnitrain.config import ConfigError
 from omnitrain.convert import hf
 from omnitrain.convert.__main__ import ConvertError, hf_to_mm, main, mm_to_hf, resplit
-from omnitrain.models.qwen25_omni import Segments
+from omnitrain.parallel.layout import whole_plan
 from omnitrain.train import checkpoint
 from omnitrain.train.worker import worker
 from test_resume import SMALL, _cfg, _loader
@@ -70,14 +70,14 @@ def test_round_trip_hf_train_export_same_logits(tmp_path, hf_dir):
 
 
 def test_init_from_equals_imported_checkpoint_and_reads_only_owned(tmp_path, hf_dir):
-    whole = _adapter([f"model.init_from={hf_dir}"]).build(Segments.whole(_adapter().depths), torch.device("cpu"), 1)
+    whole = _adapter([f"model.init_from={hf_dir}"]).build(whole_plan(_adapter().depths), torch.device("cpu"), 1)
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration as Thinker
 
     ref = Thinker.from_pretrained(hf_dir).state_dict()
     got = whole.state_dict()
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
     # A pipeline stage holding only the LLM tail: its tensors loaded, the rest stays on meta.
-    seg = Segments(llm=(2, 4), head=True)
+    seg = stage_plan(llm=(2, 4), head=True)
     stage = _adapter([f"model.init_from={hf_dir}"]).build(seg, torch.device("cpu"), 1)
     real = {k for k, v in stage.state_dict().items() if not v.is_meta}
     assert real and all(k.startswith(("model.language_model.layers.2", "model.language_model.layers.3", "model.language_model.norm", "lm_head")) for k in real)
@@ -93,7 +93,7 @@ def test_full_omni_folder_with_thinker_prefix(tmp_path, hf_dir):
     tensors = {f"thinker.{k}": v for k, v in tensors.items()} | {"talker.x": torch.zeros(1)}
     save_file(tensors, full / "model.safetensors")
     (full / "config.json").write_text(json.dumps({"model_type": "qwen2_5_omni", "thinker_config": json.loads((hf_dir / "config.json").read_text())}))
-    model = _adapter([f"model.init_from={full}"]).build(Segments(llm=(0, 1), merge=True), torch.device("cpu"), 1)
+    model = _adapter([f"model.init_from={full}"]).build(stage_plan(llm=(0, 1), merge=True), torch.device("cpu"), 1)
     w = model.model.language_model.layers[0].mlp.up_proj.weight
     assert torch.equal(w, tensors["thinker.model.layers.0.mlp.up_proj.weight"])
 
@@ -102,20 +102,20 @@ def test_wrong_architecture_and_wrong_depths_fail_clearly(tmp_path, hf_dir):
     bad = tmp_path / "llama"
     shutil.copytree(hf_dir, bad)
     (bad / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
-    with pytest.raises(hf.HFFormatError, match="'llama' model .*LlamaForCausalLM.*expected Qwen2.5-Omni"):
+    with pytest.raises(hf.HFFormatError, match="'llama' model .*LlamaForCausalLM.*: no omnitrain family reads it; the families are qwen25_omni .*qwen2_5_omni_thinker"):
         hf_to_mm(str(bad), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
     with pytest.raises(hf.HFFormatError, match="llama"):
-        _adapter([f"model.init_from={bad}"]).build(Segments(head=True), torch.device("cpu"), 1)
+        _adapter([f"model.init_from={bad}"]).build(stage_plan(head=True), torch.device("cpu"), 1)
     # A model with one LLM layer fewer than the folder: unexpected keys listed.
     with pytest.raises(hf.HFFormatError, match=r"unexpected: model\.layers\.3\."):
         _adapter([f"model.init_from={hf_dir}", "model.config.text_config.num_hidden_layers=3"]).build(
-            Segments(head=True), torch.device("cpu"), 1
+            stage_plan(head=True), torch.device("cpu"), 1
         )
     # ...and one more: missing keys listed.
     with pytest.raises(hf.HFFormatError, match=r"missing: model\.layers\.4\."):
         _adapter([f"model.init_from={hf_dir}", "model.config.text_config.num_hidden_layers=5"]).build(
-            Segments(head=True), torch.device("cpu"), 1
+            stage_plan(head=True), torch.device("cpu"), 1
         )
 
 
@@ -142,7 +142,9 @@ def test_bad_checkpoints_and_layouts_write_nothing(tmp_path, hf_dir):
     from omnitrain.train.loop import Trainer
 
     cfg = _cfg(tmp_path / "deeper", ["parallel=single", "model.config.text_config.num_hidden_layers=5"])
-    trainer = Trainer(cfg)
+    from omnitrain.models.family import build_family
+
+    trainer = Trainer(cfg, build_family(cfg.model))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     with pytest.raises(checkpoint.CheckpointError, match="missing"):
         checkpoint.load(mm, model=trainer.model, optimizer=trainer.optimizer)
@@ -159,6 +161,6 @@ def test_resplit_writes_the_target_layouts_files(tmp_path, hf_dir):
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration as Thinker
 
     ref = Thinker.from_pretrained(hf_dir)
-    model = _adapter().build(Segments.whole(_adapter().depths), torch.device("cpu"), 7)
+    model = _adapter().build(whole_plan(_adapter().depths), torch.device("cpu"), 7)
     checkpoint.load(step, model=model)
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in model.state_dict().items())

@@ -19,9 +19,9 @@ def bad(match, *args, **kw):
 def test_pp4_hetero_plan():
     s0, s1, s2, s3 = plan(HETERO)
     assert s0.layers == {"vision": range(0, 32), "audio": range(0, 0), "llm": range(0, 0)}
-    assert (s0.vision_pre, s0.vision_post, s0.audio_pre, s0.merge, s0.head) == (True, True, False, False, False)
+    assert (("vision" in s0.pre), ("vision" in s0.post), ("audio" in s0.pre), s0.merge, s0.head) == (True, True, False, False, False)
     assert s1.layers["audio"] == range(0, 32) and s1.layers["llm"] == range(0, 7)
-    assert (s1.audio_pre, s1.audio_post, s1.merge, s1.vision_post) == (True, True, True, False)
+    assert (("audio" in s1.pre), ("audio" in s1.post), s1.merge, ("vision" in s1.post)) == (True, True, True, False)
     assert s2.layers["llm"] == range(7, 19) and not (s2.merge or s2.head)
     assert s3.layers["llm"] == range(19, 28) and s3.head and s3.is_last
     assert [s.rank for s in (s0, s1, s2, s3)] == [0, 1, 2, 3]
@@ -29,15 +29,15 @@ def test_pp4_hetero_plan():
 
 def test_single_stage_and_split_encoder():
     (only,) = plan(None, pp=1)
-    assert only.layers["vision"] == range(32) and only.merge and only.head and only.vision_pre and only.audio_post
+    assert only.layers["vision"] == range(32) and only.merge and only.head and ("vision" in only.pre) and ("audio" in only.post)
     s = plan({"vision": [16, 16], "audio": [32, 0], "llm": [0, 28]}, pp=2)
-    assert (s[0].vision_pre, s[0].vision_post, s[1].vision_pre, s[1].vision_post) == (True, False, False, True)
+    assert (("vision" in s[0].pre), ("vision" in s[0].post), ("vision" in s[1].pre), ("vision" in s[1].post)) == (True, False, False, True)
     assert s[1].merge and s[1].layers["vision"] == range(16, 32)
 
 
 def test_model_without_audio():
     s = plan({"vision": [32, 0], "llm": [10, 18]}, pp=2, depths={"vision": 32, "audio": 0, "llm": 28})
-    assert not any(x.audio_pre or x.audio_post for x in s)
+    assert not any(("audio" in x.pre) or ("audio" in x.post) for x in s)
     assert s[0].layers["audio"] == range(0, 0) and not s[0].has("audio") and s[0].merge
 
 
@@ -115,7 +115,7 @@ def test_rule_missing_and_unknown_modules():
     no_audio = {"vision": [32, 0], "llm": [0, 28]}
     bad(r"parallel\.pp\.layers\.audio is missing: the model has 32 audio layers", no_audio, pp=2)
     talker = {**HETERO, "talker": [1, 0, 0, 0]}
-    bad(r"parallel\.pp\.layers\.talker: unknown module; this model has vision, audio, llm", talker)
+    bad(r"parallel\.pp\.layers\.talker: this model has no talker module; its modules are vision, audio, llm", talker)
 
 
 def test_rule_schedule_and_virtual_stages():

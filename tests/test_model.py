@@ -7,7 +7,8 @@ from hydra.utils import instantiate
 
 import _synth
 from conftest import compose_cfg
-from omnitrain.models.qwen25_omni import Segments, import_object
+from omnitrain.models.family import import_object
+from omnitrain.parallel.layout import whole_plan
 from omnitrain.parallel.context import check_layout
 
 
@@ -18,20 +19,20 @@ def adapter():
 
 @pytest.fixture(scope="module")
 def whole(adapter):
-    return adapter.build(Segments.whole(adapter.depths), torch.device("cpu"), seed=7)
+    return adapter.build(whole_plan(adapter.depths), torch.device("cpu"), seed=7)
 
 
 def test_real_depths_and_token_ids(adapter):
     assert adapter.depths == {"vision": 32, "audio": 32, "llm": 28}
-    assert adapter.token_ids["image"] == 151655
-    assert adapter.token_ids["video"] == 151656
-    assert adapter.token_ids["audio"] == 151646
+    assert adapter.token_id("image") == 151655
+    assert adapter.token_id("video") == 151656
+    assert adapter.token_id("audio") == 151646
 
 
 def test_matches_hf_forward_loss_and_grads(adapter, whole):
     ref = import_object(adapter.hf_class)._from_config(adapter.hf_config)
     ref.load_state_dict(whole.state_dict())
-    seg = Segments.whole(adapter.depths)
+    seg = whole_plan(adapter.depths)
     for mb in _synth.micro_batches(6, batch=1) + _synth.micro_batches(2, batch=3):
         n = adapter.count_label_tokens(mb)
         whole.zero_grad()
@@ -65,7 +66,7 @@ def test_stage_build_is_layout_independent(adapter, whole):
     full = dict(whole.named_parameters())
     seen = set()
     for plan in plans:
-        stage = adapter.build(Segments.from_plan(plan), torch.device("cpu"), seed=7)
+        stage = adapter.build(plan, torch.device("cpu"), seed=7)
         local = dict(adapter.local_parameters(stage))
         assert local, plan
         for name, p in local.items():
@@ -79,4 +80,4 @@ def test_token_feature_mismatch_is_an_error(adapter, whole):
     mb = _synth.micro_batches(2)[1]  # an audio sample
     mb["input_ids"][0, (mb["input_ids"][0] == _synth.AUDIO).nonzero()[0]] = 5  # drop one audio token
     with pytest.raises(ValueError, match="audio tokens"):
-        adapter.stage_forward(whole, Segments.whole(adapter.depths), mb, {}, 1)
+        adapter.stage_forward(whole, whole_plan(adapter.depths), mb, {}, 1)

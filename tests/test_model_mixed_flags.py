@@ -7,7 +7,7 @@ from hydra.utils import instantiate
 from conftest import compose_cfg
 from data_fixtures.helpers import data_cfg, model_cfg, processor, write_dataset, write_video
 from omnitrain.data import build_dataset, collate
-from omnitrain.models.qwen25_omni import Segments
+from omnitrain.parallel.layout import whole_plan
 
 
 def test_mixed_use_audio_in_video_in_one_micro_batch(tmp_path):
@@ -30,14 +30,14 @@ def test_mixed_use_audio_in_video_in_one_micro_batch(tmp_path):
     assert [s["use_audio_in_video"] for s in samples] == [True, False, False]
 
     adapter = instantiate(compose_cfg().model, _convert_="all")
-    seg = Segments.whole(adapter.depths)
+    seg = whole_plan(adapter.depths)
     model = adapter.build(seg, torch.device("cpu"), seed=3)
     pad = processor().tokenizer.pad_token_id
     with torch.no_grad():
         alone = [adapter.stage_forward(model, seg, collate([s], pad), {}, 1) for s in samples]
         together = adapter.stage_forward(model, seg, collate(samples, pad), {}, 1)
-        pos_alone = [adapter.rope_positions(model.model, collate([s], pad)) for s in samples]
-        pos_together = adapter.rope_positions(model.model, collate(samples, pad))
+        pos_alone = [adapter.rope_positions(model, collate([s], pad)) for s in samples]
+        pos_together = adapter.rope_positions(model, collate(samples, pad))
     for b, p in enumerate(pos_alone):
         assert torch.equal(pos_together[:, b, : p.shape[2]], p[:, 0])
     assert abs(float(together) - float(sum(alone))) / float(sum(alone)) < 1e-5

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import compose_cfg
 from omnitrain.config import ConfigError
-from omnitrain.parallel.context import check_encoder_dp, check_layout, world_size_for
+from omnitrain.parallel.context import check_layout, encoder_micro_multiple, fit_micro_batch, world_size_for
 from omnitrain.parallel.mesh import Sizes
 
 
@@ -43,25 +43,37 @@ def test_tp_must_divide_vocab():
 
 def test_tp_sizes_must_nest():
     with pytest.raises(ConfigError, match=r"parallel.tp.vision=2 does not divide the largest TP size 3"):
-        Sizes.from_cfg(compose_cfg(["parallel.tp={vision: 2, audio: 1, llm: 3}"]))
+        Sizes.from_cfg(compose_cfg(["parallel.tp={vision: 2, audio: 1, llm: 3}"]), ("vision", "audio", "llm"))
 
 
 def test_encoder_dp_rule():
-    # vision tp1 next to llm tp2 on 8 ranks/stage: vision dp 8, llm dp 4
+    # vision tp1 next to llm tp2 on 8 ranks/stage: vision dp 8, llm dp 4:
+    # 4 x micro samples over 8 vision replicas needs micro a multiple of 2
     sizes = Sizes(pp=1, dp=4, tp={"vision": 1, "audio": 2, "llm": 2})
     assert sizes.dp_of("vision") == 8 and sizes.dp_of("llm") == 4
-    with pytest.raises(
-        ConfigError,
-        match=r"the LLM's dp x train.micro_batch_size = 4 x 1 = 4 is not divisible by the vision encoder's dp = 8 "
-        r"\(parallel.tp.vision=1 vs parallel.tp.llm=2\): raise train.micro_batch_size to a multiple of 2",
-    ):
-        check_encoder_dp(sizes, 1)
-    check_encoder_dp(sizes, 2)  # 4 x 2 samples over 8 vision replicas: one each
+    assert encoder_micro_multiple(sizes) == 2
+    assert encoder_micro_multiple(Sizes(pp=1, dp=1, tp={"vision": 1, "audio": 2, "llm": 4})) == 4
 
 
-def test_encoder_dp_rule_runs_in_check_layout():
-    with pytest.raises(ConfigError, match=r"not divisible by the vision encoder's dp = 4"):
-        _check("parallel.tp={vision: 1, audio: 2, llm: 2}", "parallel.dp=2", "train.micro_batch_size=1")
+def test_layout_derives_the_micro_batch_within_the_global_batch():
+    # hetero_tp: LLM dp2, vision dp4: micro 1 -> 2; the global batch (what a step trains on) stays
+    cfg = compose_cfg(["parallel=hetero_tp", "train.global_batch_size=8"])
+    check_layout(cfg)
+    assert (cfg.train.micro_batch_size, cfg.train.global_batch_size) == (2, 8)
+    cfg = compose_cfg(["parallel=hetero_tp", "train.global_batch_size=8", "train.micro_batch_size=4"])
+    check_layout(cfg)
+    assert cfg.train.micro_batch_size == 4  # already a multiple: kept
+    # no micro-batch size fits: one line naming values that work
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size must be a multiple of 2 .* set train.global_batch_size to a multiple of 4"):
+        _check("parallel=hetero_tp", "train.global_batch_size=2")
+
+
+def test_presets_do_not_change_the_batch():
+    from omegaconf import OmegaConf
+
+    base = compose_cfg([]).train
+    for name in ("single", "hetero_tp", "pp4_tp2_hetero", "pp4_hetero", "fsdp4"):
+        assert OmegaConf.to_container(compose_cfg([f"parallel={name}"]).train) == OmegaConf.to_container(base), name
 
 
 def test_dp_mode_and_world():
@@ -85,8 +97,15 @@ def test_encoder_tp_at_most_llm_tp():
 
 
 def test_hetero_layouts_pass_their_rules():
-    # each sets the micro-batch (and global batch) its rules need
-    for name in ("hetero_tp", "pp4_tp2_hetero"):
-        _check(f"parallel={name}")
-    with pytest.raises(ConfigError, match=r"raise train.micro_batch_size to a multiple of 2"):
-        _check("parallel=pp4_tp2_hetero", "train.micro_batch_size=1", "train.global_batch_size=4")
+    _check("parallel=hetero_tp")
+    _check("parallel=pp4_tp2_hetero", "train.global_batch_size=8")
+    # micro 2 (derived) leaves 2 micro-batches for 4 stages: 1F1B says what to change
+    with pytest.raises(ConfigError, match=r"needs at least parallel.pp.size=4 micro-batches per step, got 2 .* use parallel.pp.schedule=gpipe"):
+        _check("parallel=pp4_tp2_hetero")
+
+
+def test_modules_the_model_lacks_are_refused():
+    with pytest.raises(ConfigError, match=r"parallel.tp.speech: model=qwen25_omni has no speech module; its modules are vision, audio, llm"):
+        _check("parallel.tp={speech: 2}")
+    with pytest.raises(ConfigError, match=r"parallel.pp.layers.speech: model=qwen25_omni has no speech module; its modules are vision, audio, llm"):
+        _check("parallel=pp2", "+parallel.pp.layers.speech=[1,1]")

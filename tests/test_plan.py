@@ -15,13 +15,12 @@ def close(actual, expected, rel=0.01):
 @pytest.fixture(scope="module")
 def omni7b():
     cfg = plan.compose(["model=qwen25_omni_7b"])
-    _, model = plan.build_meta(cfg.model)
-    return model
+    return plan.build_meta(cfg.model)  # (family, model)
 
 
 def test_7b_counts(omni7b):
-    assert all(p.is_meta for p in omni7b.parameters())  # shapes only, no memory
-    c = plan.count_params(omni7b)
+    assert all(p.is_meta for p in omni7b[1].parameters())  # shapes only, no memory
+    c = plan.count_params(*omni7b)
     llm = c["llm_embed"] + c["llm_layers"] + c["llm_norm"]
     assert close(c["total"], 8.93e9)
     assert close(llm, 7.07e9)
@@ -34,10 +33,10 @@ def test_7b_counts(omni7b):
 
 
 def test_7b_layers(omni7b):
-    layers = plan.layer_params(omni7b)
+    layers = plan.layer_params(*omni7b)
     assert [len(layers[m]) for m in ("vision", "audio", "llm")] == [32, 32, 28]
     assert len(set(layers["llm"])) == 1  # identical decoder layers
-    assert sum(layers["llm"]) == plan.count_params(omni7b)["llm_layers"]
+    assert sum(layers["llm"]) == plan.count_params(*omni7b)["llm_layers"]
 
 
 @pytest.mark.parametrize("tied,expected", [(False, 4.70e9), (True, 4.39e9)])
@@ -45,7 +44,7 @@ def test_3b_counts(tied, expected):
     cfg = plan.compose(["model=qwen25_omni_3b", f"model.config.tie_word_embeddings={str(tied).lower()}"])
     adapter, model = plan.build_meta(cfg.model)
     assert adapter.depths == {"vision": 32, "audio": 32, "llm": 36}
-    c = plan.count_params(model)
+    c = plan.count_params(adapter, model)
     assert close(c["total"], expected)
     assert (c["lm_head"] == 0) == tied  # a tied head is counted once, under llm_embed
     assert close(c["vision"], 0.669e9) and close(c["audio"], 0.638e9)
@@ -61,9 +60,9 @@ def test_stage_params_hetero_layout(omni7b):
         num_microbatches=8,
         schedule="1f1b",
     )
-    sizes = plan.stage_params(omni7b, plans)
-    c = plan.count_params(omni7b)
-    per_llm = plan.layer_params(omni7b)["llm"][0]
+    sizes = plan.stage_params(*omni7b, plans)
+    c = plan.count_params(*omni7b)
+    per_llm = plan.layer_params(*omni7b)["llm"][0]
     assert sum(sizes) == c["total"]  # untied: every parameter on exactly one stage
     assert sizes[0] == c["vision"]
     assert sizes[1] == c["audio"] + c["llm_embed"] + 7 * per_llm
@@ -84,7 +83,7 @@ def test_count_params_groups_by_prefix():
     m.lm_head = nn.Linear(4, 10, bias=False)
     m.lm_head.weight = m.model.language_model.embed_tokens.weight  # tied: counted once
     m.extra = nn.Parameter(torch.zeros(5))
-    c = plan.count_params(m)
+    c = plan.count_params(plan.build_meta(plan.compose([]).model)[0], m)
     assert c == {
         "vision": 9,
         "audio": 12,

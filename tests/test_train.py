@@ -51,7 +51,7 @@ def test_bf16_autocast_trains(tmp_path):
 
 
 def test_loss_falls_with_accumulation(tmp_path):
-    rows = _train(tmp_path, "train.steps=5", "train.global_batch_size=4", "train.micro_batch_size=2", "optim.warmup_steps=2")
+    rows = _train(tmp_path, "train.steps=5", "train.global_batch_size=4", "train.micro_batch_size=2", "optim.scheduler.warmup_steps=2")
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.1
     assert rows[0]["lr"] < rows[1]["lr"]  # warmup
 

@@ -4,7 +4,8 @@ Each config group has a dataclass schema. A group's yaml lists the schema as
 the first entry of its own defaults list (`- /schema/<group>@_here_`), so a
 wrong type or an unknown key fails at composition with the key named.
 Cross-group rules (layout vs model depth, batch divisibility) live in
-`validate()` and run before any worker process starts.
+`validate()` and `parallel.context.check_layout` and run before any worker
+process starts.
 """
 
 from __future__ import annotations
@@ -15,23 +16,30 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from omnitrain.errors import UserError
+
 from omnitrain.data.config import DataConfig
 
 
 @dataclass
 class ModelConfig:
-    _target_: str = "omnitrain.models.qwen25_omni.Qwen25OmniThinker"
+    # The model family's adapter (omnitrain.models.<family>), built once per process.
+    _target_: str = MISSING
     name: str = MISSING
     # HF config class and its keyword arguments (nested dicts for sub-configs).
-    config_class: str = "transformers.Qwen2_5OmniThinkerConfig"
+    config_class: str = MISSING
     config: Dict[str, Any] = field(default_factory=dict)
-    # Processor (tokenizer + image/video/audio front ends): a folder, or
-    # `builtin:<name>` for one shipped in omnitrain/assets.
-    processor: str = "builtin:qwen25_omni_tiny"
+    # Processor (tokenizer + media front ends): a folder, or `builtin:<name>`
+    # for one shipped in omnitrain/assets.
+    processor: str = MISSING
+    # Example -> processed sample, given (processor, token ids, settings): the
+    # family's transform, built by `_target_` (partial).
+    transform: Any = field(default_factory=lambda: {"_target_": "omnitrain.data.sample.SampleBuilder", "_partial_": True})
     # HF folder to initialise weights from; null = random init (seeded).
     init_from: Optional[str] = None
-    # Which modules train. A frozen module gets no optimizer state.
-    trainable: Dict[str, bool] = field(default_factory=lambda: {"vision": True, "audio": True, "llm": True})
+    # Which modules train (keys: the family's modules; unlisted ones train).
+    # A frozen module gets no optimizer state.
+    trainable: Dict[str, bool] = field(default_factory=dict)
 
 
 @dataclass
@@ -54,7 +62,9 @@ class FSDPConfig:  # [parallel] options of parallel.dp_mode=fsdp
 class ParallelConfig:
     name: str = "single"
     pp: PPConfig = field(default_factory=PPConfig)
-    tp: Dict[str, int] = field(default_factory=lambda: {"vision": 1, "audio": 1, "llm": 1})
+    # TP size: one for every module (`tp: 2`) or per module (`tp: {vision: 1, llm: 2}`,
+    # unlisted modules 1); the keys are the model family's modules.
+    tp: Any = 1
     dp: Any = "auto"  # auto | int
     dp_mode: str = "replicate"  # replicate | fsdp
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
@@ -63,18 +73,30 @@ class ParallelConfig:
     sequence_parallel: bool = False
     # Seconds a collective may wait before the process group aborts.
     timeout_s: int = 300
+    # Seconds without a heartbeat after which a self-launched worker counts as
+    # hung (stopped, frozen) and the run stops naming it; 0 turns it off.
+    heartbeat_s: float = 60
 
 
 @dataclass
 class OptimConfig:
     name: str = "adamw"
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    warmup_steps: int = 5
-    scheduler: str = "cosine"  # cosine | constant
+    # Any torch.optim class by `_target_`, with its keyword arguments; the
+    # trainable parameters this rank owns are passed first.
+    optimizer: Dict[str, Any] = field(
+        default_factory=lambda: {
+            "_target_": "torch.optim.AdamW",
+            "lr": 1e-3,
+            "betas": [0.9, 0.95],
+            "eps": 1e-8,
+            "weight_decay": 0.0,
+            "foreach": False,  # identical math whatever the parameter grouping
+        }
+    )
+    # LR schedule by `_target_`, given the optimizer (and `total_steps` where it takes one).
+    scheduler: Dict[str, Any] = field(
+        default_factory=lambda: {"_target_": "omnitrain.train.optim.warmup_cosine", "warmup_steps": 5, "min_lr_ratio": 0.1}
+    )
     grad_clip: float = 1.0  # 0 or less disables clipping
 
 
@@ -115,26 +137,50 @@ def register_configs() -> None:
     cs.store(group="schema/train", name="train", node=TrainConfig)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value that cannot work; the message names the key and the fix."""
+
+    kind = "config error"
+
+
+def _need(key: str, value, ok: bool, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {what}")
 
 
 def validate(cfg) -> None:
-    """Cross-group checks that need no process group. Raises ConfigError."""
+    """Every number a user sets, and cross-group checks that need no process
+    group. Raises ConfigError naming the key and what would work."""
     t = cfg.train
-    if t.steps < 1:
-        raise ConfigError(f"train.steps={t.steps}: must be >= 1")
-    if t.micro_batch_size < 1 or t.global_batch_size < 1:
-        raise ConfigError("train.global_batch_size and train.micro_batch_size must be >= 1")
+    for key in ("steps", "global_batch_size", "micro_batch_size", "log_every"):
+        _need(f"train.{key}", t[key], t[key] >= 1, "must be >= 1")
+    for key in ("save_every", "keep_last"):
+        _need(f"train.{key}", t[key], t[key] >= 0, "must be >= 0 (0 turns it off)")
     if t.global_batch_size % t.micro_batch_size:
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not a multiple of "
             f"train.micro_batch_size={t.micro_batch_size}: change one of them"
         )
-    if t.dtype not in ("fp32", "bf16"):
-        raise ConfigError(f"train.dtype={t.dtype!r}: use fp32 or bf16")
+    _need("train.dtype", t.dtype, t.dtype in ("fp32", "bf16"), "use fp32 or bf16")
+    _need("parallel.timeout_s", cfg.parallel.timeout_s, cfg.parallel.timeout_s > 0, "must be > 0 seconds")
+    _need("parallel.heartbeat_s", cfg.parallel.heartbeat_s, cfg.parallel.heartbeat_s >= 0, "must be >= 0 seconds (0 turns it off)")
+    d = cfg.data
+    _need("data.num_workers", d.num_workers, d.num_workers >= 0, "must be >= 0")
+    _need("data.cutoff_len", d.cutoff_len, d.cutoff_len >= 1, "must be >= 1")
+    _need("data.on_error", d.on_error, d.on_error in ("raise", "skip"), "use raise or skip")
     o = cfg.optim
-    if o.scheduler not in ("cosine", "constant"):
-        raise ConfigError(f"optim.scheduler={o.scheduler!r}: use cosine or constant")
-    if o.warmup_steps < 0:
-        raise ConfigError(f"optim.warmup_steps={o.warmup_steps}: must be >= 0")
+    opt = o.optimizer
+    if "lr" in opt:
+        _need("optim.optimizer.lr", opt.lr, float(opt.lr) > 0, "must be > 0")
+    if "eps" in opt:
+        _need("optim.optimizer.eps", opt.eps, float(opt.eps) > 0, "must be > 0")
+    if "weight_decay" in opt:
+        _need("optim.optimizer.weight_decay", opt.weight_decay, float(opt.weight_decay) >= 0, "must be >= 0")
+    if "betas" in opt:
+        betas = list(opt.betas)
+        _need("optim.optimizer.betas", betas, len(betas) == 2 and all(0 <= float(b) < 1 for b in betas), "give two values in [0, 1)")
+    sched = o.scheduler
+    if "warmup_steps" in sched:
+        _need("optim.scheduler.warmup_steps", sched.warmup_steps, int(sched.warmup_steps) >= 0, "must be >= 0")
+    if "min_lr_ratio" in sched:
+        _need("optim.scheduler.min_lr_ratio", sched.min_lr_ratio, 0 <= float(sched.min_lr_ratio) <= 1, "must be in [0, 1]")

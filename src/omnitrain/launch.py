@@ -40,6 +40,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from omnitrain import device
+from omnitrain.errors import UserError
 
 __all__ = ["LaunchError", "WorkerFailed", "destroy", "in_distributed_env", "init_distributed", "launch"]
 
@@ -50,10 +51,21 @@ _MONITOR_S = 0.1
 # Seconds a stopped worker gets between SIGTERM and SIGKILL. Workers die on
 # SIGTERM at once (see `_worker`), so this only matters for one stuck in the kernel.
 _SHUTDOWN_S = 5
+# Seconds between a worker's heartbeats (a file the parent watches).
+_BEAT_S = 2.0
+# The step a worker is at, for the parent's message when it stops answering.
+_progress = {"step": 0}
 
 
-class LaunchError(RuntimeError):
+def report_step(step: int) -> None:
+    """The training loop says where it is (written with the next heartbeat)."""
+    _progress["step"] = step
+
+
+class LaunchError(UserError, RuntimeError):
     """The processes that were started do not fit the layout."""
+
+    kind = "launch error"
 
 
 class WorkerFailed(RuntimeError):
@@ -82,6 +94,7 @@ def launch(
     timeout_s: float = 300,
     layout: str = "this layout",
     start_method: str | None = None,
+    heartbeat_s: float = 60,
 ) -> Any:
     """Run `fn(*args)` on `nprocs` ranks and return rank 0's result.
 
@@ -93,7 +106,9 @@ def launch(
 
     `layout` names the layout in the world-size error. `start_method` defaults
     to fork, or spawn when this process already holds an accelerator context
-    (a forked child cannot use it).
+    (a forked child cannot use it). A local worker whose heartbeat is older
+    than `heartbeat_s` (stopped, frozen) ends the launch, naming its rank and
+    step, long before a collective would time out.
     """
     if nprocs < 1:
         raise LaunchError(f"{layout} needs {nprocs} processes: must be >= 1")
@@ -109,7 +124,7 @@ def launch(
         return _run_inline(fn, args)
     if start_method is None:
         start_method = "spawn" if device.accelerator_initialized() else "fork"
-    return _launch_local(fn, nprocs, args, timeout_s, start_method)
+    return _launch_local(fn, nprocs, args, timeout_s, start_method, heartbeat_s)
 
 
 def init_distributed(dev: device.DeviceInfo, timeout_s: float = 300) -> tuple[int, int]:
@@ -146,7 +161,7 @@ def _run_inline(fn: Callable[..., Any], args: tuple) -> Any:
         destroy()
 
 
-def _launch_local(fn: Callable[..., Any], nprocs: int, args: tuple, timeout_s: float, start_method: str) -> Any:
+def _launch_local(fn: Callable[..., Any], nprocs: int, args: tuple, timeout_s: float, start_method: str, heartbeat_s: float) -> Any:
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -177,9 +192,11 @@ def _launch_local(fn: Callable[..., Any], nprocs: int, args: tuple, timeout_s: f
         err_dir = Path(tmp) / "errors"
         err_dir.mkdir()
         (Path(tmp) / "started").mkdir()
+        (Path(tmp) / "beats").mkdir()
         threads = _worker_threads(nprocs)
+        watch = _Watchdog(Path(tmp), nprocs, heartbeat_s)
         try:
-            with _quiet_elastic():
+            with _quiet_elastic(), watch:
                 results = elastic_launch(config, _worker)(fn, tmp, nprocs, threads, timeout_s, *args)
         except ChildFailedError as e:
             raise _first_failure(e, err_dir, nprocs) from None
@@ -215,6 +232,7 @@ def _worker(fn: Callable[..., Any], tmp: str, nprocs: int, threads: int, timeout
         torch.set_num_threads(threads)
     try:
         _wait_for_siblings(Path(tmp) / "started", nprocs, timeout_s)
+        _start_heartbeat(Path(tmp) / "beats")
         result = fn(*args)
     except Exception as e:
         record = {
@@ -251,13 +269,90 @@ def _wait_for_siblings(started: Path, nprocs: int, timeout_s: float) -> None:
         time.sleep(0.005)
 
 
+def _start_heartbeat(beats: Path) -> None:
+    """A daemon thread that touches beats/<rank> with the current step: a
+    stopped or frozen process stops beating, which the parent notices."""
+    import threading
+
+    rank = os.environ.get("RANK", "0")
+
+    def beat():
+        while True:
+            tmp = beats / f".{rank}"
+            tmp.write_text(json.dumps({"step": _progress["step"], "pid": os.getpid(), "time": time.time()}))
+            tmp.replace(beats / rank)
+            time.sleep(_BEAT_S)
+
+    threading.Thread(target=beat, name="omnitrain-heartbeat", daemon=True).start()
+
+
+class _Watchdog:
+    """In the parent while workers run: a worker whose heartbeat is older than
+    `limit_s` is recorded as the failure and every worker is killed (elastic
+    then ends the launch with ChildFailedError)."""
+
+    def __init__(self, tmp: Path, nprocs: int, limit_s: float):
+        import threading
+
+        self.tmp, self.nprocs, self.limit = tmp, nprocs, limit_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="omnitrain-watchdog", daemon=True)
+
+    def __enter__(self):
+        if self.limit > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+
+    def _run(self):
+        beats = self.tmp / "beats"
+        while not self._stop.wait(1.0):
+            seen = {}
+            for f in beats.glob("[0-9]*"):
+                try:
+                    seen[int(f.name)] = json.loads(f.read_text())
+                except (OSError, ValueError):  # being replaced
+                    continue
+            now = time.time()
+            stale = [(r, b) for r, b in seen.items() if now - b["time"] > self.limit]
+            if not stale:
+                continue
+            rank, b = min(stale)
+            record = {
+                "rank": rank,
+                "time": 0.0,  # before any error its peers raise once it is gone
+                "type": "WorkerHung",
+                "message": f"stopped responding at step {b['step'] + 1} (no heartbeat for {now - b['time']:.0f} s; "
+                f"parallel.heartbeat_s={self.limit:g}): is it stopped (SIGSTOP), swapping or stuck?",
+                "traceback": "",
+            }
+            (self.tmp / "errors" / f"rank{rank}.json").write_text(json.dumps(record))
+            for other in seen.values():
+                try:
+                    os.kill(other["pid"], signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            return
+
+
 def _first_failure(e: ChildFailedError, err_dir: Path, nprocs: int) -> WorkerFailed:
-    """The root cause: the earliest recorded exception (later ones are peers losing it)."""
-    records = [json.loads(p.read_text()) for p in err_dir.glob("rank*.json")]
+    """The root cause: a rank killed by a signal, else the earliest recorded
+    exception (later ones are peers losing it)."""
+    records = {r["rank"]: r for r in (json.loads(p.read_text()) for p in err_dir.glob("rank*.json"))}
+    hung = [r for r in records.values() if r["type"] == "WorkerHung"]
+    if hung:
+        r = hung[0]
+        return WorkerFailed(r["rank"], nprocs, r["type"], r["message"], "")
+    # A worker that died by a signal raised nothing; its peers then fail on the lost connection.
+    killed = [(f.timestamp, rank, f) for rank, f in e.failures.items() if f.exitcode < 0 and rank not in records]
+    if killed:
+        _, rank, failure = min(killed, key=lambda k: k[:2])
+        return WorkerFailed(rank, nprocs, "ProcessExited", f"died with signal {failure.signal_name()}", "")
     if records:
-        r = min(records, key=lambda r: r["time"])
+        r = min(records.values(), key=lambda r: r["time"])
         return WorkerFailed(r["rank"], nprocs, r["type"], r["message"], r["traceback"])
-    # No Python exception: killed by a signal or exited on its own.
     rank, failure = e.get_first_failure()
     how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
     return WorkerFailed(rank, nprocs, "ProcessExited", f"died with {how}", "")

@@ -1,13 +1,14 @@
 """Parameter-count planner: how big each module, layer and pipeline stage is.
 
-    python -m omnitrain.plan model=qwen25_omni_7b
-    python -m omnitrain.plan model=qwen25_omni_3b parallel=pp4_hetero
-    python -m omnitrain.plan model=qwen25_omni_7b 'parallel.pp.layers.llm=[0,7,12,9]' ...
+    python -m omnitrain.plan model=<model>
+    python -m omnitrain.plan model=<model> parallel=<layout>
+    python -m omnitrain.plan model=<model> 'parallel.pp.layers.llm=[0,7,12,9]' ...
 
 Composes the same config as `python -m omnitrain` (same overrides), builds the
 model on the meta device (shapes only: the 7B thinker costs no memory) and
 prints parameters per module, per layer, and per pipeline stage of the chosen
-layout. The counting functions are pure and take any thinker module.
+layout (whole, and per rank after TP sharding). The counting functions are
+pure and take any family's model, naming its parts by the family's modules.
 """
 
 from __future__ import annotations
@@ -20,56 +21,47 @@ from typing import Iterable, Mapping
 from torch import nn
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
-
-# Module prefix -> group, matched in order (first match wins).
-GROUPS = (
-    ("vision", "model.visual."),
-    ("audio", "model.audio_tower."),
-    ("llm_embed", "model.language_model.embed_tokens."),
-    ("llm_layers", "model.language_model.layers."),
-    ("llm_norm", "model.language_model.norm."),
-    ("lm_head", "lm_head."),
-)
-GROUP_NAMES = tuple(g for g, _ in GROUPS) + ("other", "total")
-
-# Per-layer containers, and the non-layer parts of each encoder that the layout
-# places before the first / after the last of its layers (see parallel/layout.py).
-_LAYER_RE = {
-    "vision": re.compile(r"^model\.visual\.blocks\.(\d+)\."),
-    "audio": re.compile(r"^model\.audio_tower\.layers\.(\d+)\."),
-    "llm": re.compile(r"^model\.language_model\.layers\.(\d+)\."),
-}
-_PRE = {
-    "vision": ("model.visual.patch_embed.", "model.visual.rotary_pos_emb."),
-    "audio": ("model.audio_tower.conv1.", "model.audio_tower.conv2.", "model.audio_tower.positional_embedding."),
-}
-_ENCODER_PREFIX = {"vision": "model.visual.", "audio": "model.audio_tower."}
-_MERGE = ("model.language_model.embed_tokens.",)
-_HEAD = ("model.language_model.norm.", "lm_head.")
-
 BYTES_PER_PARAM_TRAIN = 16  # fp32 weight + grad + AdamW exp_avg + exp_avg_sq
 
 
-def count_params(model: nn.Module) -> dict[str, int]:
-    """Parameters per module group (see GROUPS), plus `other` and `total`.
+def groups(family) -> list[tuple[str, tuple[str, ...]]]:
+    """(group, parameter-name prefixes), matched in order: each encoder whole;
+    the decoder's embedding, layers and each part of its head."""
+    out = [(m.name, m.prefixes) for m in family.modules[:-1]]
+    d = family.modules[-1]
+    out.append((f"{d.name}_embed", tuple(p + "." for p in d.pre)))
+    out.append((f"{d.name}_layers", (d.layers + ".",)))
+    for fqn in d.post:
+        out.append((f"{d.name}_{fqn.rpartition('.')[2]}" if "." in fqn else fqn, (fqn + ".",)))
+    return out
+
+
+def count_params(family, model: nn.Module) -> dict[str, int]:
+    """Parameters per group (see `groups`), plus `other` and `total`.
 
     A tied lm_head shares its tensor with embed_tokens; it is counted once,
-    under llm_embed, so lm_head reads 0 and total is the true unique count.
+    under the embedding, so lm_head reads 0 and total is the true unique count.
     """
-    out = dict.fromkeys(GROUP_NAMES, 0)
+    gs = groups(family)
+    out = dict.fromkeys([g for g, _ in gs] + ["other", "total"], 0)
     for name, p in model.named_parameters():  # deduplicates shared tensors
-        group = next((g for g, prefix in GROUPS if name.startswith(prefix)), "other")
+        group = next((g for g, prefixes in gs if name.startswith(prefixes)), "other")
         out[group] += p.numel()
         out["total"] += p.numel()
     return out
 
 
-def layer_params(model: nn.Module) -> dict[str, list[int]]:
-    """Parameters of each layer of each module: {"vision": [...32], "audio": [...], "llm": [...]}."""
-    sizes: dict[str, dict[int, int]] = {m: {} for m in _LAYER_RE}
+def _layer_re(family) -> dict[str, re.Pattern]:
+    return {m.name: re.compile(rf"^{re.escape(m.layers)}\.(\d+)\.") for m in family.modules}
+
+
+def layer_params(family, model: nn.Module) -> dict[str, list[int]]:
+    """Parameters of each layer of each module, e.g. {"vision": [...32], "llm": [...28]}."""
+    rx = _layer_re(family)
+    sizes: dict[str, dict[int, int]] = {m: {} for m in rx}
     for name, p in model.named_parameters():
-        for module, rx in _LAYER_RE.items():
-            m = rx.match(name)
+        for module, r in rx.items():
+            m = r.match(name)
             if m:
                 i = int(m.group(1))
                 sizes[module][i] = sizes[module].get(i, 0) + p.numel()
@@ -77,24 +69,29 @@ def layer_params(model: nn.Module) -> dict[str, list[int]]:
     return {m: [s[i] for i in sorted(s)] for m, s in sizes.items()}
 
 
-def _segment(name: str) -> tuple[str, int | None]:
-    """Which pipeline segment owns a parameter: (segment, layer index or None)."""
-    for module, rx in _LAYER_RE.items():
-        m = rx.match(name)
+def _owner(family, name: str) -> tuple[str, str, int | None]:
+    """Which segment owns a parameter: (module, "layers" | "pre" | "post" | "shared", layer index)."""
+    for spec in family.modules:
+        m = _layer_re(family)[spec.name].match(name)
         if m:
-            return module, int(m.group(1))
-    for enc, prefix in _ENCODER_PREFIX.items():
-        if name.startswith(prefix):
-            # merger, ln_post, proj, audio_bos_eos_token ... run after the last layer
-            return (f"{enc}_pre" if name.startswith(_PRE[enc]) else f"{enc}_post"), None
-    if name.startswith(_MERGE):
-        return "merge", None
-    if name.startswith(_HEAD):
-        return "head", None
-    return "merge", None  # anything unforeseen: with the embeddings, on the merge stage
+            return spec.name, "layers", int(m.group(1))
+        for part in ("pre", "post", "shared"):
+            if name.startswith(tuple(f + "." for f in getattr(spec, part))):
+                return spec.name, part, None
+    module = family.module_of(name)
+    # anything unforeseen in an encoder runs after its layers; in the decoder, with the embeddings
+    return module, ("pre" if module == family.decoder else "post"), None
 
 
-def stage_params(model: nn.Module, plans: Iterable) -> list[int]:
+def _owns(plan, module: str, part: str, idx) -> bool:
+    if part == "layers":
+        return idx in plan.layers.get(module, range(0))
+    if part == "shared":
+        return plan.has(module)
+    return module in getattr(plan, part)
+
+
+def stage_params(family, model: nn.Module, plans: Iterable) -> list[int]:
     """Parameters each pipeline stage holds, for `parallel.layout.StagePlan`s.
 
     Counted per stage, so a tied lm_head appears on both the merge stage and
@@ -103,14 +100,34 @@ def stage_params(model: nn.Module, plans: Iterable) -> list[int]:
     plans = list(plans)
     out = [0] * len(plans)
     for name, p in model.named_parameters(remove_duplicate=False):
-        seg, idx = _segment(name)
+        owner = _owner(family, name)
         for s, plan in enumerate(plans):
-            if idx is not None:
-                owns = idx in plan.layers.get(seg, range(0))
-            else:
-                owns = bool(getattr(plan, seg))
-            if owns:
+            if _owns(plan, *owner):
                 out[s] += p.numel()
+    return out
+
+
+def rank_params(family, model: nn.Module, plans: Iterable, tp: Mapping[str, int], fsdp: Mapping[str, int] | None = None) -> list[float]:
+    """Parameters one rank of each stage holds after TP (and FSDP) sharding: a
+    tensor its module's TP plan shards counts 1/tp, the rest (norms, biases of
+    row-parallel layers, patch embeddings) whole; under FSDP everything is
+    divided by the module's dp size `fsdp[module]`."""
+    from omnitrain.parallel.tp import _matches
+
+    plans = list(plans)
+    out = [0] * len(plans)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owner = _owner(family, name)
+        module = owner[0]
+        fqn, _, leaf = name.rpartition(".")
+        sharded = any(_matches(pat, fqn) for pat, _ in family.tp_plan.get(module, ()))
+        # row-parallel biases are added after the reduction: replicated
+        rowwise = any(_matches(pat, fqn) and style == "rowwise" for pat, style in family.tp_plan.get(module, ()))
+        n = p.numel() / tp.get(module, 1) if sharded and not (rowwise and leaf == "bias") else p.numel()
+        n /= (fsdp or {}).get(module, 1)
+        for s, plan in enumerate(plans):
+            if _owns(plan, *owner):
+                out[s] += n
     return out
 
 
@@ -132,11 +149,11 @@ def compose(overrides: Iterable[str] = ()):
 
 
 def build_meta(model_cfg) -> tuple[object, nn.Module]:
-    """(adapter, HF thinker on the meta device) from `cfg.model`."""
-    from hydra.utils import instantiate
+    """(model family, its HF model on the meta device) from `cfg.model`."""
+    from omnitrain.models.family import build_family
 
-    adapter = instantiate(model_cfg, _convert_="all")
-    return adapter, adapter.build_meta()
+    family = build_family(model_cfg)
+    return family, family.build_meta()
 
 
 def _fmt(n: int) -> str:
@@ -160,7 +177,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 def module_table(counts: Mapping[str, int]) -> str:
     total = counts["total"] or 1
-    rows = [[g, f"{counts[g]:,}", _fmt(counts[g]), f"{100 * counts[g] / total:.1f}%"] for g in GROUP_NAMES if g != "other" or counts[g]]
+    rows = [[g, f"{n:,}", _fmt(n), f"{100 * n / total:.1f}%"] for g, n in counts.items() if g != "other" or n]
     return _table(["module", "params", "", "share"], rows)
 
 
@@ -174,46 +191,52 @@ def layer_table(layers: Mapping[str, list[int]]) -> str:
     return _table(["module", "layers", "per layer", "all layers"], rows)
 
 
-def stage_table(plans, sizes: list[int]) -> str:
+def stage_table(plans, sizes: list[int], per_rank: list[float]) -> str:
     rows = []
-    for plan, n in zip(plans, sizes):
-        held = [f"{m} {r.start}-{r.stop - 1}" for m, r in plan.layers.items() if len(r)]
+    for plan, n, r in zip(plans, sizes, per_rank):
+        held = [f"{m} {rg.start}-{rg.stop - 1}" for m, rg in plan.layers.items() if len(rg)]
         extras = [k for k in ("merge", "head") if getattr(plan, k)]
-        rows.append([str(plan.index), ", ".join(held + extras), _fmt(n), f"{n * BYTES_PER_PARAM_TRAIN / 2**30:.1f}"])
-    return _table(["stage", "holds", "params", "train GiB*"], rows)
-
-
-def _num_microbatches(cfg) -> int:
-    t, dp = cfg.train, cfg.parallel.dp
-    dp = dp if isinstance(dp, int) and dp > 0 else 1
-    return max(1, t.global_batch_size // (t.micro_batch_size * dp))
+        gib = r * BYTES_PER_PARAM_TRAIN / 2**30
+        rows.append([str(plan.index), ", ".join(held + extras), _fmt(n), _fmt(int(r)), f"{gib:.1f}"])
+    return _table(["stage", "holds", "params", "per rank", "train GiB/rank*"], rows)
 
 
 def report(cfg) -> str:
     """The planner's text for a composed config."""
-    from omnitrain.config import ConfigError
-    from omnitrain.parallel.layout import validate_layout
+    from omegaconf import open_dict
 
-    adapter, model = build_meta(cfg.model)
-    counts = count_params(model)
-    parts = [f"model={cfg.model.name}  ({cfg.model.config_class}, built on meta)", "", module_table(counts)]
-    parts += ["", layer_table(layer_params(model))]
-    pp = cfg.parallel.pp
+    from omnitrain.config import ConfigError
+    from omnitrain.parallel.context import check_layout
+    from omnitrain.parallel.mesh import Sizes
+
+    family, model = build_meta(cfg.model)
+    counts = count_params(family, model)
+    parts = [f"model={cfg.model.name}  ({family.hf_architecture}, built on meta)", "", module_table(counts)]
+    parts += ["", layer_table(layer_params(family, model))]
+    note = None
     try:
-        layers = None if pp.layers is None else {k: list(v) for k, v in pp.layers.items()}
-        plans = validate_layout(
-            pp.size,
-            layers,
-            adapter.depths,
-            num_microbatches=_num_microbatches(cfg),
-            schedule=pp.schedule,
-            virtual_stages=pp.virtual_stages,
-        )
+        try:
+            plans = check_layout(cfg, family)
+        except ConfigError as e:
+            if "micro-batches per step" not in str(e):
+                raise
+            # Only the batch is too small for the schedule: the stages do not depend on it.
+            note = f"note: {e}"
+            with open_dict(cfg):
+                cfg.parallel.pp.schedule = "gpipe"
+            plans = check_layout(cfg, family)
+        sizes = Sizes.from_cfg(cfg, family.module_names)
     except ConfigError as e:
         parts += ["", f"parallel={cfg.parallel.name}: no stage table, the layout is invalid: {e}"]
     else:
-        parts += ["", f"parallel={cfg.parallel.name}", stage_table(plans, stage_params(model, plans))]
-        parts += [f"* {BYTES_PER_PARAM_TRAIN} B/param (fp32 weight, grad, AdamW moments), before TP/FSDP sharding"]
+        fsdp = {m: sizes.dp_of(m) for m in sizes.tp} if cfg.parallel.dp_mode == "fsdp" else None
+        tp = ", ".join(f"{m} {t}" for m, t in sizes.tp.items())
+        parts += ["", f"parallel={cfg.parallel.name}: pp {sizes.pp}, dp {sizes.dp} ({cfg.parallel.dp_mode}), tp {tp}; {sizes.world} ranks"]
+        parts += [stage_table(plans, stage_params(family, model, plans), rank_params(family, model, plans, sizes.tp, fsdp))]
+        parts += [
+            f"* {BYTES_PER_PARAM_TRAIN} B/param (fp32 weight, grad, AdamW moments) after TP"
+            + (" and FSDP" if fsdp else "") + " sharding, on one rank of the stage; activations not included"
+        ] + ([note] if note else [])
     return "\n".join(parts)
 
 
@@ -222,8 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
-    print(report(compose(argv)))
-    return 0
+    from omnitrain.errors import run_cli
+
+    return run_cli(lambda: print(report(compose(argv))))
 
 
 if __name__ == "__main__":

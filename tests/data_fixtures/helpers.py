@@ -44,15 +44,23 @@ def demo_dir() -> Path:
     return resolve("builtin:demo")
 
 
-def model_cfg():
-    return SimpleNamespace(processor="builtin:qwen25_omni_tiny", config=dict(TOKEN_IDS, position_id_per_seconds=25, seconds_per_chunk=2))
+@lru_cache(maxsize=None)
+def model_cfg(name: str = "qwen25_omni"):
+    """The model family of `conf/model/<name>.yaml` (what the data pipeline takes)."""
+    from omegaconf import OmegaConf
+
+    from omnitrain.models.family import build_family
+
+    cfg = OmegaConf.load(REPO / "src" / "omnitrain" / "conf" / "model" / f"{name}.yaml")
+    cfg.pop("defaults", None)  # Hydra's composition list (a family's default data), not a family argument
+    return build_family(cfg)
 
 
-@lru_cache(maxsize=1)
-def processor():
+@lru_cache(maxsize=None)
+def processor(name: str = "qwen25_omni"):
     from omnitrain.data import load_processor
 
-    return load_processor(model_cfg())
+    return load_processor(model_cfg(name))
 
 
 def data_cfg(**kw):

@@ -1,8 +1,9 @@
 """`python -m omnitrain.convert`: move weights between HF folders and omnitrain checkpoints.
 
     python -m omnitrain.convert hf_to_mm HF_DIR OUT_DIR
-        HF folder (thinker or full Qwen2.5-Omni) -> checkpoint OUT_DIR (a step dir
-        with model tensors only): train with train.resume=OUT_DIR.
+        HF folder of any family (for an omni model: its thinker, or the whole
+        model) -> checkpoint OUT_DIR (a step dir with model tensors only):
+        train with train.resume=OUT_DIR.
     python -m omnitrain.convert mm_to_hf CKPT OUT_DIR [--config RUN/config.yaml] [--dtype bf16]
         checkpoint (step dir or run dir) -> HF folder: config.json, safetensors
         shards + index, tokenizer/processor; loads with from_pretrained.
@@ -57,24 +58,6 @@ def _publish(tmp: Path, out: Path) -> None:
     tmp.rename(out)
 
 
-def _thinker_config(config: dict):
-    from transformers import Qwen2_5OmniThinkerConfig
-
-    cfg = Qwen2_5OmniThinkerConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type", "transformers_version")})
-    # Not a declared field but read by the rope index (FACTS): keep it.
-    for key in ("vision_start_token_id", "vision_end_token_id"):
-        if key in config:
-            setattr(cfg, key, config[key])
-    return cfg
-
-
-def _meta_model(hf_config):
-    from transformers import Qwen2_5OmniThinkerForConditionalGeneration as Thinker
-
-    with torch.device("meta"):
-        return Thinker._from_config(hf_config, dtype=torch.float32)
-
-
 def _step_dir(ckpt: str) -> Path:
     from omnitrain.train import checkpoint
 
@@ -96,17 +79,25 @@ def _run_config(step_dir: Path, config: str | None):
     return None
 
 
-def _model_hf_config(step_dir: Path, config: str | None):
-    """(HF thinker config, model cfg or None) for a checkpoint."""
+def _family_of_config(config: dict, where):
+    from omnitrain.models import FAMILIES, family_for_model_type
+
+    found = family_for_model_type(config.get("model_type"))
+    if found is None:
+        raise ConvertError(f"{where}: model_type {config.get('model_type')!r} is not one omnitrain trains ({', '.join(FAMILIES)})")
+    return found[1].from_hf_config(config, name=found[0])
+
+
+def _model_family(step_dir: Path, config: str | None):
+    """(model family with its HF config, model cfg or None) for a checkpoint."""
     run_cfg = _run_config(step_dir, config)
     if run_cfg is not None:
-        from hydra.utils import instantiate
+        from omnitrain.models.family import build_family
 
-        adapter = instantiate(run_cfg.model, _convert_="all")
-        return adapter.hf_config, run_cfg.model
+        return build_family(run_cfg.model), run_cfg.model
     stored = step_dir / HF_CONFIG
     if stored.is_file():
-        return _thinker_config(json.loads(stored.read_text())), None
+        return _family_of_config(json.loads(stored.read_text()), stored), None
     raise ConvertError(
         f"{step_dir}: cannot tell the model config; pass --config <run dir>/config.yaml "
         f"(no {step_dir.parent.parent / 'config.yaml'} nor {stored})"
@@ -138,19 +129,18 @@ def _saved_model_tensors(step_dir: Path) -> dict:
 
 
 def hf_to_mm(hf_dir: str, out: str, dtype: str = "fp32") -> Path:
-    """HF folder -> checkpoint dir with the thinker's tensors (step 0, no optimizer)."""
+    """HF folder -> checkpoint dir with the model's tensors (step 0, no optimizer)."""
     import torch.distributed.checkpoint as dcp
 
     from omnitrain.train import checkpoint
 
-    config, _ = hf.read_config(hf_dir)
-    hf_config = _thinker_config(config)
-    model = _meta_model(hf_config)
+    config, _, _ = hf.read_config(hf_dir)
+    family = _family_of_config(config, hf_dir)
+    model = family.build_meta()
     # Check names and shapes before reading data or creating the output.
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    available = hf.thinker_tensors(hf_dir)
-    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
-    missing = sorted(set(expected) - set(available) - ({"lm_head.weight"} if tied else set()))
+    available = hf.model_tensors(family, hf_dir)
+    missing = sorted(set(expected) - set(available) - set(hf.tied_keys(model)))
     unexpected = sorted(set(available) - set(expected))
     if missing or unexpected:
         raise ConvertError(
@@ -160,7 +150,10 @@ def hf_to_mm(hf_dir: str, out: str, dtype: str = "fp32") -> Path:
     tmp = _fresh_output(out)
     try:
         model.to_empty(device="cpu")
-        hf.load_hf_weights(model, hf_dir)
+        # to_empty gives a tied lm_head its own (uninitialised) tensor: share it
+        # with embed_tokens again, or the checkpoint would hold garbage for it.
+        model.tie_weights()
+        hf.load_hf_weights(family, model, hf_dir)
         target = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
         state = {"model": {k: v.to(target) for k, v in model.state_dict().items()}, "step": 0}
         with checkpoint._single_process_ok():
@@ -177,6 +170,24 @@ def hf_to_mm(hf_dir: str, out: str, dtype: str = "fp32") -> Path:
 # ----------------------------------------------------------------------------- mm_to_hf
 
 
+def _check_tied(step_dir: Path, saved: dict, tied: dict[str, str]) -> None:
+    """Tied tensors saved under both names must be equal: only one is exported."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    from omnitrain.train import checkpoint
+
+    for alias, source in tied.items():
+        state = {"model": {k: torch.empty(tuple(saved[k].size), dtype=saved[k].properties.dtype) for k in (alias, source)}}
+        with checkpoint._single_process_ok():
+            dcp.load(state, checkpoint_id=str(step_dir), planner=DefaultLoadPlanner(allow_partial_load=True))
+        if not torch.equal(state["model"][alias], state["model"][source]):
+            raise ConvertError(
+                f"{step_dir}: {alias} differs from {source}, but the model config ties them "
+                "(tie_word_embeddings=true) and only one is exported; the checkpoint was trained untied"
+            )
+
+
 def mm_to_hf(ckpt: str, out: str, config: str | None = None, dtype: str = "fp32", max_shard_bytes: int = 5 * 2**30, processor: bool = True) -> Path:
     """Checkpoint -> HF folder, one output shard in memory at a time."""
     import torch.distributed.checkpoint as dcp
@@ -186,19 +197,24 @@ def mm_to_hf(ckpt: str, out: str, config: str | None = None, dtype: str = "fp32"
     from omnitrain.train import checkpoint
 
     step_dir = _step_dir(ckpt)
-    hf_config, model_cfg = _model_hf_config(step_dir, config)
+    family, model_cfg = _model_family(step_dir, config)
+    hf_config = family.hf_config
     saved = _saved_model_tensors(step_dir)
-    expected = {k: tuple(v.shape) for k, v in _meta_model(hf_config).state_dict().items()}
-    if getattr(hf_config, "tie_word_embeddings", False):
-        expected.pop("lm_head.weight", None)  # transformers re-ties it on load
+    meta = family.build_meta()
+    # A tied lm_head is not written (transformers re-ties it on load); a
+    # training checkpoint holds it under its own name too (the state dict
+    # lists both names): it must equal what it is tied to.
+    tied = hf.tied_keys(meta)
+    expected = {k: tuple(v.shape) for k, v in meta.state_dict().items() if k not in tied}
     missing = sorted(set(expected) - set(saved))
-    unexpected = sorted(set(saved) - set(expected))
+    unexpected = sorted(set(saved) - set(expected) - set(tied))
     wrong = [f"{k} {tuple(saved[k].size)} vs config {expected[k]}" for k in expected if k in saved and tuple(saved[k].size) != expected[k]]
     if missing or unexpected or wrong:
         raise ConvertError(
             f"{step_dir} does not match the model config: missing {hf._listing(missing) or '-'}; "
             f"unexpected {hf._listing(unexpected) or '-'}; shapes {hf._listing(wrong, 4) or '-'}"
         )
+    _check_tied(step_dir, saved, {k: v for k, v in tied.items() if k in saved and v in saved})
     target = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     shards, cur, size = [], [], 0
     for name in sorted(expected):
@@ -219,13 +235,13 @@ def mm_to_hf(ckpt: str, out: str, config: str | None = None, dtype: str = "fp32"
             state = {"model": {k: torch.empty(expected[k], dtype=saved[k].properties.dtype) for k in names}}
             with checkpoint._single_process_ok():
                 dcp.load(state, checkpoint_id=str(step_dir), planner=DefaultLoadPlanner(allow_partial_load=True))
-            save_file({hf.to_hf_name(k): v.to(target).contiguous() for k, v in state["model"].items()}, str(tmp / file), metadata={"format": "pt"})
-            index.update({hf.to_hf_name(k): file for k in names})
+            save_file({family.to_hf_name(k): v.to(target).contiguous() for k, v in state["model"].items()}, str(tmp / file), metadata={"format": "pt"})
+            index.update({family.to_hf_name(k): file for k in names})
             del state
         if len(shards) > 1:
             total = sum(torch.Size(s).numel() * target.itemsize for s in expected.values())
             (tmp / hf.INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=1))
-        hf_config.architectures = [hf.THINKER_ARCH]
+        hf_config.architectures = [family.hf_architecture]
         hf_config.dtype = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
         hf_config.save_pretrained(tmp)
         if processor and model_cfg is not None:
@@ -259,18 +275,18 @@ class _Carry:
 
 def _resplit_worker(cfg, src: str, out: str) -> int:
     from omnitrain import device, launch
+    from omnitrain.models.family import build_family
     from omnitrain.train import checkpoint
     from omnitrain.train.loop import Trainer, save_resolved_config
 
     ctx = None
+    family = build_family(cfg.model)
     if launch.in_distributed_env():
-        from hydra.utils import instantiate
-
         from omnitrain.parallel.context import ParallelContext
 
         launch.init_distributed(device.detect(cfg.train.device), timeout_s=cfg.parallel.timeout_s)
-        ctx = ParallelContext.build(cfg, instantiate(cfg.model, _convert_="all").depths)
-    trainer = Trainer(cfg, dist_ctx=ctx)
+        ctx = ParallelContext.build(cfg, family)
+    trainer = Trainer(cfg, family, dist_ctx=ctx)
     carry = _Carry()
     step = checkpoint.load(src, model=trainer.model, optimizer=trainer.optimizer, scheduler=trainer.scheduler, loader=carry, dev=trainer.dev)
     checkpoint.save(out, step, model=trainer.model, optimizer=trainer.optimizer, scheduler=trainer.scheduler, loader=carry, dev=trainer.dev, keep_last=0)
@@ -279,11 +295,23 @@ def _resplit_worker(cfg, src: str, out: str) -> int:
     return step
 
 
+def _typed(node, value):
+    """`value` (a config loaded from a run's config.yaml) as a node of `node`'s
+    schema dataclass, so it can replace `node` in a composed config."""
+    from dataclasses import is_dataclass
+
+    from omegaconf import OmegaConf
+
+    kind = OmegaConf.get_type(node)
+    return OmegaConf.merge(OmegaConf.structured(kind), value) if is_dataclass(kind) else value
+
+
 def resplit(ckpt: str, out: str, overrides: list[str], config: str | None = None) -> Path:
     from omegaconf import open_dict
 
     from omnitrain import launch
     from omnitrain.config import register_configs
+    from omnitrain.models.family import build_family
     from omnitrain.parallel.context import check_layout, world_size_for
 
     step_dir = _step_dir(ckpt)
@@ -297,19 +325,21 @@ def resplit(ckpt: str, out: str, overrides: list[str], config: str | None = None
     with open_dict(cfg):
         if run_cfg is not None:
             # The checkpoint's model and batch shape; the layout from the overrides.
-            cfg.model = run_cfg.model
+            # A schema-typed group refuses a plain (loaded) node: type it first.
+            cfg.model = _typed(cfg.model, run_cfg.model)
             for key in ("global_batch_size", "micro_batch_size", "steps", "seed"):
                 cfg.train[key] = run_cfg.train[key]
-            cfg.optim = run_cfg.optim
+            cfg.optim = _typed(cfg.optim, run_cfg.optim)
         cfg.train.output_dir = str(out)
         cfg.model.init_from = None  # weights come from the checkpoint
-    check_layout(cfg)  # a layout whose depths do not match the model fails here
+    family = build_family(cfg.model)
+    check_layout(cfg, family)  # a layout whose depths do not match the model fails here
     out = Path(out)
     tmp = _fresh_output(out)
     try:
         with open_dict(cfg):
             cfg.train.output_dir = str(tmp)
-        launch.launch(_resplit_worker, world_size_for(cfg), cfg, str(step_dir), str(tmp), timeout_s=cfg.parallel.timeout_s)
+        launch.launch(_resplit_worker, world_size_for(cfg, family), cfg, str(step_dir), str(tmp), timeout_s=cfg.parallel.timeout_s)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,8 +1,8 @@
-"""Multimodal data: LLaMA-Factory / LLaVA json in, HF Qwen2.5-Omni thinker inputs out.
+"""Multimodal data: LLaMA-Factory / LLaVA json in, the model family's inputs out.
 
 Public API:
-    load_processor(model_cfg)                 the HF Qwen2_5OmniProcessor
-    build_loader(data_cfg, model_cfg, processor, *, seed, micro_batch_size,
+    load_processor(model_cfg)                 the family's HF processor
+    build_loader(data_cfg, family, processor, *, seed, micro_batch_size,
                  global_batch_size, dp_rank=0, dp_size=1)  endless micro-batches
     count_label_tokens(micro_batch)           label tokens after the causal shift
     DataError                                 one-line error naming dataset, sample, file

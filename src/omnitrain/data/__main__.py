@@ -44,7 +44,9 @@ def main(argv=None) -> int:
 
     try:
         processor = load_processor(cfg.model)
-        dataset = build_dataset(cfg.data, cfg.model, processor)
+        from omnitrain.models.family import build_family
+
+        dataset = build_dataset(cfg.data, build_family(cfg.model), processor)
         report = inspect_dataset(dataset, num_workers=cfg.data.num_workers)
     except (DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,5 +1,5 @@
-"""Processed samples -> one micro-batch: exactly the keyword arguments of HF
-`Qwen2_5OmniThinkerForConditionalGeneration.forward`, right-padded.
+"""Processed samples -> one micro-batch (the keys `models.family.MEDIA` lists,
+named as the HF models' forward names them), right-padded.
 
 Media tensors are concatenated sample by sample in order of appearance;
 audio features are zero-padded in time to the batch's longest clip with a

@@ -52,6 +52,8 @@ class DataConfig:
     system: Optional[str] = None
     # Folder for processed samples keyed by content + settings; null = no cache.
     cache_dir: Optional[str] = None
+    # Processed samples -> one micro-batch, by `_target_` (called with the samples and the pad id).
+    collator: Any = field(default_factory=lambda: {"_target_": "omnitrain.data.collate", "_partial_": True})
 
 
 _LIST_KEYS = ("data.dataset=", "+data.dataset=", "++data.dataset=")

@@ -145,8 +145,9 @@ def processor_fingerprint(processor, settings) -> str:
     h = hashlib.sha256()
     h.update(f"v{CACHE_VERSION}".encode())
     h.update(json.dumps(asdict(settings), sort_keys=True).encode())
-    for part in (processor.image_processor, processor.video_processor, processor.feature_extractor):
-        h.update(part.to_json_string().encode())
+    for part in (processor.image_processor, processor.video_processor, getattr(processor, "feature_extractor", None)):
+        if part is not None:  # a VL processor has no feature extractor (no audio): nothing to hash
+            h.update(part.to_json_string().encode())
     tok = processor.tokenizer
     backend = getattr(tok, "backend_tokenizer", None)
     h.update((backend.to_str() if backend is not None else str(sorted(tok.get_vocab().items()))).encode())

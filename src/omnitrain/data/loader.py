@@ -41,12 +41,12 @@ class _MicroBatches(torch.utils.data.Sampler):
 class _Collate:
     """Picklable collate for workers: (micro-batch, per-sample meta)."""
 
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+    def __init__(self, fn, pad_id: int):
+        self.fn, self.pad_id = fn, pad_id
 
     def __call__(self, samples):
         with one_thread():
-            return collate(samples, self.pad_id), [s["meta"] for s in samples]
+            return self.fn(samples, self.pad_id), [s["meta"] for s in samples]
 
 
 def _worker_init(_: int) -> None:
@@ -67,6 +67,7 @@ class OmniLoader:
         prefetch_factor: int = 2,
         weights: Optional[List[float]] = None,
         on_error: str = "raise",
+        collate_fn=collate,
     ):
         check_batch_sizes(global_batch_size, micro_batch_size, dp_size)
         self.dataset = dataset
@@ -78,6 +79,7 @@ class OmniLoader:
         self.prefetch_factor = prefetch_factor
         self.weights = None if weights is None else tuple(float(w) for w in weights)
         self.on_error = on_error
+        self.collate_fn = collate_fn
         self.sizes = dataset.index.sizes
         self.epoch_len = len(epoch_order(self.sizes, self.weights, seed, 0))
         self.micro_step = 0
@@ -114,7 +116,7 @@ class OmniLoader:
         dl = torch.utils.data.DataLoader(
             self.dataset,
             batch_sampler=_MicroBatches(self, self.micro_step),
-            collate_fn=_Collate(self.dataset.builder.ids.pad),
+            collate_fn=_Collate(self.collate_fn, self.dataset.builder.ids.pad),
             num_workers=self.num_workers,
             **kwargs,
         )
@@ -198,11 +200,12 @@ class OmniLoader:
         }
 
 
-def build_dataset(data_cfg: Any, model_cfg: Any, processor) -> ProcessedDataset:
-    model_config = _plain(getattr(model_cfg, "config", None) or {})
-    ids = token_ids(processor.tokenizer, model_config)
-    settings = Settings.from_config(data_cfg, model_config)
-    builder = SampleBuilder(processor, ids, settings)
+def build_dataset(data_cfg: Any, family, processor) -> ProcessedDataset:
+    """`family`: the model family (models/family.py): its transform, chat tokens and media."""
+    ids = token_ids(processor.tokenizer, family)
+    settings = Settings.from_config(data_cfg, family.hf_config)
+    transform = family.transform or SampleBuilder
+    builder = transform(processor, ids, settings, chat=family.chat, model_name=family.name, media_kinds=family.media_kinds())
     index = build_index(data_cfg)
     cache = SampleCache(data_cfg.cache_dir, processor_fingerprint(processor, settings)) if data_cfg.cache_dir else None
     log.info(
@@ -217,7 +220,7 @@ def build_dataset(data_cfg: Any, model_cfg: Any, processor) -> ProcessedDataset:
 
 def build_loader(
     data_cfg: Any,
-    model_cfg: Any,
+    family,
     processor,
     *,
     seed: int,
@@ -227,7 +230,10 @@ def build_loader(
     dp_size: int = 1,
 ) -> OmniLoader:
     """Endless micro-batches for this dp rank (see module and sampler docs)."""
-    dataset = build_dataset(data_cfg, model_cfg, processor)
+    from hydra.utils import instantiate
+
+    dataset = build_dataset(data_cfg, family, processor)
+    collator = getattr(data_cfg, "collator", None)
     return OmniLoader(
         dataset,
         seed=seed,
@@ -239,15 +245,5 @@ def build_loader(
         prefetch_factor=getattr(data_cfg, "prefetch_factor", 2),
         weights=None if data_cfg.weights is None else list(data_cfg.weights),
         on_error=data_cfg.on_error,
+        collate_fn=instantiate(collator) if collator else collate,
     )
-
-
-def _plain(x: Any) -> Dict[str, Any]:
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(x, DictConfig):
-            return OmegaConf.to_container(x, resolve=True)
-    except ImportError:
-        pass
-    return dict(x)

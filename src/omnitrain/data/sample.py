@@ -19,8 +19,8 @@ import torch
 from omnitrain.data.errors import DataError
 from omnitrain.data.formats import Example
 from omnitrain.data.media import load_audio, load_image, load_video
-from omnitrain.data.processor import DEFAULT_SYSTEM, TokenIds
-from omnitrain.data.template import MediaRef, interleave_video_audio, plan_media, render
+from omnitrain.data.processor import TokenIds
+from omnitrain.data.template import MediaRef, plan_media, render
 from omnitrain.data.threads import one_thread
 
 
@@ -46,8 +46,8 @@ class Settings:
     seconds_per_chunk: float = 2.0
 
     @classmethod
-    def from_config(cls, data_cfg: Any, model_config: Optional[dict] = None) -> "Settings":
-        mc = dict(model_config or {})
+    def from_config(cls, data_cfg: Any, hf_config: Any = None) -> "Settings":
+        """`hf_config`: the model's HF config (video/audio interleave timing, where it has one)."""
         return cls(
             image_min_pixels=data_cfg.image_min_pixels,
             image_max_pixels=data_cfg.image_max_pixels,
@@ -63,8 +63,8 @@ class Settings:
             mask_history=data_cfg.mask_history,
             system=data_cfg.system,
             use_audio_in_video=data_cfg.use_audio_in_video,
-            position_id_per_seconds=float(mc.get("position_id_per_seconds", 25)),
-            seconds_per_chunk=float(mc.get("seconds_per_chunk", 2.0)),
+            position_id_per_seconds=float(getattr(hf_config, "position_id_per_seconds", 25)),
+            seconds_per_chunk=float(getattr(hf_config, "seconds_per_chunk", 2.0)),
         )
 
 
@@ -100,16 +100,23 @@ class _Parts:
 
 
 class SampleBuilder:
-    def __init__(self, processor, ids: TokenIds, settings: Settings):
+    """The default transform (`model.transform`): what a family differs in
+    comes from its `ChatSpec` (tokens, default system, how a video's
+    soundtrack interleaves with it) and its processor."""
+
+    def __init__(self, processor, ids: TokenIds, settings: Settings, *, chat, model_name: str, media_kinds):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
         self.video_processor = processor.video_processor
-        self.fe = processor.feature_extractor
+        self.fe = getattr(processor, "feature_extractor", None)  # None: the model has no audio encoder
         self.ids = ids
         self.s = settings
-        self.sr = int(self.fe.sampling_rate)
-        self.window = int(self.fe.n_samples)  # samples one feature call covers
+        self.chat = chat
+        self.model_name = model_name
+        self.media_kinds = tuple(media_kinds)
+        self.sr = int(self.fe.sampling_rate) if self.fe is not None else 16000
+        self.window = int(self.fe.n_samples) if self.fe is not None else 0  # samples one feature call covers
         self.merge = int(self.image_processor.merge_size)
         self.vmerge = int(self.video_processor.merge_size)
         self.temporal_patch = int(self.video_processor.temporal_patch_size)
@@ -132,8 +139,26 @@ class SampleBuilder:
 
     # -- steps --------------------------------------------------------------
 
+    def _check_media(self, ex: Example, uiv: bool) -> None:
+        """Media this model cannot encode: one clear error, never dropped."""
+        if ("audio" not in self.media_kinds or self.chat.audio_in_video is None) and uiv:
+            raise DataError(
+                f"use_audio_in_video=true but model {self.model_name} cannot take a video's soundtrack; set "
+                "use_audio_in_video=false for this dataset or sample, or set data.on_error=skip",
+                file=(ex.videos or [None])[0],
+                reason="unsupported_media",
+            )
+        if "audio" not in self.media_kinds and ex.audios:
+            raise DataError(
+                f"has audio but model {self.model_name} has no audio encoder; use a model with one, drop the "
+                "dataset, or set data.on_error=skip",
+                file=ex.audios[0],
+                reason="unsupported_media",
+            )
+
     def _build(self, ex: Example, dataset_uiv: Optional[bool]) -> Dict[str, Any]:
         uiv = self.resolve_uiv(ex, dataset_uiv) and bool(ex.videos)
+        self._check_media(ex, uiv)
         refs = plan_media(ex.turns, uiv)
         media = self._decode(ex, refs)
         acc = _Parts()
@@ -150,7 +175,7 @@ class SampleBuilder:
         system = ex.system if ex.system is not None else self.s.system
         input_ids, labels, spans = render(
             ex.turns,
-            DEFAULT_SYSTEM if system is None else system,
+            self.chat.default_system if system is None else system,
             acc.placeholder_ids,
             self._encode,
             train_on_prompt=self.s.train_on_prompt,
@@ -220,7 +245,7 @@ class SampleBuilder:
             )
         feat = self._audio_features([wave], apath)[0]
         acc.audio_feats.append(feat)
-        block = interleave_video_audio(
+        block = self.chat.audio_in_video(
             grid.tolist(),
             self.vmerge,
             second_per_grid,

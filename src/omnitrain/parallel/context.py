@@ -15,33 +15,20 @@ import functools
 import math
 from dataclasses import dataclass, field
 
+import logging
+
 import torch
 import torch.distributed as dist
-from hydra.utils import instantiate
+from omegaconf import open_dict
 
 from omnitrain import device
 from omnitrain.config import ConfigError, validate
 from omnitrain.parallel.layout import StagePlan, validate_layout
-from omnitrain.parallel.mesh import MODULES, Sizes, build_mesh, build_part_mesh
+from omnitrain.parallel.mesh import LLM, Sizes, build_mesh, build_part_mesh
 from omnitrain.parallel.tp import check_divisible as check_tp_divisible
 
 DP_MODES = ("replicate", "fsdp")
-
-
-def check_encoder_dp(sizes: Sizes, micro_batch_size: int) -> None:
-    """MindSpeed-MM's rule: the LLM's dp x micro-batch divides evenly over each
-    encoder's dp replicas, so every encoder sample's features land on the LLM
-    rank that holds the sample."""
-    llm = sizes.dp_of("llm") * micro_batch_size
-    for enc in ("vision", "audio"):
-        d = sizes.dp_of(enc)
-        if llm % d:
-            raise ConfigError(
-                f"parallel: the LLM's dp x train.micro_batch_size = {sizes.dp_of('llm')} x {micro_batch_size} = {llm} "
-                f"is not divisible by the {enc} encoder's dp = {d} (parallel.tp.{enc}={sizes.tp[enc]} vs "
-                f"parallel.tp.llm={sizes.tp['llm']}): raise train.micro_batch_size to a multiple of "
-                f"{d // math.gcd(d, sizes.dp_of('llm'))} or make the TP sizes equal"
-            )
+log = logging.getLogger(__name__)
 
 
 def _is_sharded(placement) -> bool:
@@ -54,24 +41,24 @@ def check_encoder_tp(sizes: Sizes) -> None:
     """An encoder's TP size may be below the LLM's (its extra replicas each
     encode a part of the micro-batch), not above: that would need the
     samples of several LLM replicas gathered into one encoder replica."""
-    for enc in ("vision", "audio"):
-        if sizes.tp[enc] > sizes.tp["llm"]:
+    for enc, t in sizes.tp.items():
+        if t > sizes.tp[LLM]:
             raise ConfigError(
-                f"parallel.tp.{enc}={sizes.tp[enc]} is larger than parallel.tp.llm={sizes.tp['llm']}: an encoder's TP "
+                f"parallel.tp.{enc}={t} is larger than parallel.tp.llm={sizes.tp[LLM]}: an encoder's TP "
                 f"size must be at most the LLM's; lower parallel.tp.{enc} or raise parallel.tp.llm"
             )
 
 
-def _depths(cfg) -> dict[str, int]:
-    return instantiate(cfg.model, _convert_="all").depths
-
-
-def dp_size_for(cfg, world_size: int | None = None) -> int:
-    return Sizes.from_cfg(cfg, world_size).dp
-
-
-def world_size_for(cfg) -> int:
-    return Sizes.from_cfg(cfg).world
+def encoder_micro_multiple(sizes: Sizes) -> int:
+    """MindSpeed-MM's rule: the LLM's dp x micro-batch divides evenly over each
+    encoder's dp replicas, so every encoder sample's features land on the LLM
+    rank that holds the sample. The micro-batch size must be a multiple of this."""
+    llm_dp = sizes.dp_of(LLM)
+    need = 1
+    for m in sizes.tp:
+        d = sizes.dp_of(m)
+        need = math.lcm(need, d // math.gcd(d, llm_dp))
+    return need
 
 
 def num_microbatches(cfg, dp: int) -> int:
@@ -84,34 +71,92 @@ def num_microbatches(cfg, dp: int) -> int:
     return t.global_batch_size // (t.micro_batch_size * dp)
 
 
-def check_layout(cfg, depths: dict[str, int] | None = None) -> list[StagePlan]:
-    """Every rule that needs no process: run before any worker starts."""
+def fit_micro_batch(cfg, sizes: Sizes) -> int:
+    """The micro-batch size the layout runs: the user's, or the smallest
+    multiple of what the encoders' replicas need that divides the global
+    batch's per-replica share. A layout never changes the global batch
+    (what a step trains on), only how it is cut."""
+    t = cfg.train
+    need = encoder_micro_multiple(sizes)
+    micro = t.micro_batch_size
+    if micro % need == 0:
+        return micro
+    per_replica = t.global_batch_size // sizes.dp
+    fits = [m for m in range(need, per_replica + 1, need) if m >= micro and per_replica % m == 0 and t.global_batch_size % sizes.dp == 0]
+    if not fits:
+        raise ConfigError(
+            f"parallel={cfg.parallel.name}: each encoder replica encodes a part of a micro-batch, so "
+            f"train.micro_batch_size must be a multiple of {need} and divide train.global_batch_size / dp = "
+            f"{t.global_batch_size} / {sizes.dp}: set train.global_batch_size to a multiple of {need * sizes.dp} "
+            f"(e.g. {need * sizes.dp * max(1, -(-t.global_batch_size // (need * sizes.dp)))}) or make the TP sizes equal"
+        )
+    return fits[0]
+
+
+def check_layout(cfg, family=None) -> list[StagePlan]:
+    """Every rule that needs no process: run once, before any worker starts.
+
+    Where the layout needs larger micro-batches than `train.micro_batch_size`
+    (an encoder split in parts), it sets the derived size in `cfg` and says so.
+    """
+    from omnitrain.models.family import build_family
+
     validate(cfg)
     if cfg.parallel.dp_mode not in DP_MODES:
         raise ConfigError(f"parallel.dp_mode={cfg.parallel.dp_mode!r}: use one of {', '.join(DP_MODES)}")
     if cfg.parallel.fsdp.mixed_precision not in ("none", "bf16"):
         raise ConfigError(f"parallel.fsdp.mixed_precision={cfg.parallel.fsdp.mixed_precision!r}: use none or bf16")
-    sizes = Sizes.from_cfg(cfg)
-    dp = sizes.dp
-    adapter = instantiate(cfg.model, _convert_="all")
-    if cfg.parallel.sequence_parallel and sizes.tp["llm"] == 1:
+    family = family or build_family(cfg.model)
+    sizes = Sizes.from_cfg(cfg, family.module_names, model=f"model={cfg.model.name}")
+    if cfg.parallel.sequence_parallel and sizes.tp[LLM] == 1:
         raise ConfigError(
             "parallel.sequence_parallel=true shards the LLM's sequence over its TP ranks, but parallel.tp.llm=1: "
             "raise parallel.tp.llm or set parallel.sequence_parallel=false"
         )
-    check_tp_divisible(sizes.tp, adapter.tp_sizes())
+    check_tp_divisible(sizes.tp, family.tp_sizes())
     check_encoder_tp(sizes)
-    check_encoder_dp(sizes, cfg.train.micro_batch_size)
+    micro = fit_micro_batch(cfg, sizes)
+    if micro != cfg.train.micro_batch_size:
+        log.info(
+            "parallel=%s: train.micro_batch_size %d -> %d (encoder replicas each encode a part of a micro-batch); "
+            "the global batch stays %d", cfg.parallel.name, cfg.train.micro_batch_size, micro, cfg.train.global_batch_size,
+        )
+        with open_dict(cfg):
+            cfg.train.micro_batch_size = micro
     pp = cfg.parallel.pp
     layers = None if pp.layers is None else {k: list(v) for k, v in pp.layers.items()}
-    return validate_layout(
+    plans = validate_layout(
         pp.size,
         layers,
-        depths or adapter.depths,
-        num_microbatches=num_microbatches(cfg, dp),
+        family.depths,
+        num_microbatches=num_microbatches(cfg, sizes.dp),
         schedule=pp.schedule,
         virtual_stages=pp.virtual_stages,
+        model=f"model={cfg.model.name}",
     )
+    check_tied_embeddings(family, plans, sizes)
+    return plans
+
+
+def check_tied_embeddings(family, plans, sizes: Sizes) -> None:
+    """A tied lm_head is the embedding's tensor: it cannot live on two pipeline
+    stages (their updates would drift apart) nor be sharded two ways by TP
+    (over the vocabulary as an embedding and as a head)."""
+    if not getattr(family.hf_config, "tie_word_embeddings", False):
+        return
+    split = not any(p.merge and p.head for p in plans)
+    if split or sizes.tp[LLM] > 1:
+        why = "the merge and the head are on different pipeline stages" if split else f"parallel.tp.{LLM}={sizes.tp[LLM]}"
+        raise ConfigError(
+            f"model.config.tie_word_embeddings=true: the LLM's head shares the embedding's tensor, but {why}; "
+            f"use one stage with parallel.tp.{LLM}=1, or untie it (model.config.tie_word_embeddings=false)"
+        )
+
+
+def world_size_for(cfg, family=None) -> int:
+    from omnitrain.models.family import build_family
+
+    return Sizes.from_cfg(cfg, (family or build_family(cfg.model)).module_names).world
 
 
 @dataclass
@@ -161,21 +206,26 @@ class ParallelContext:
     sequence_parallel: bool = False
 
     @classmethod
-    def build(cls, cfg, depths: dict[str, int]) -> "ParallelContext":
+    def build(cls, cfg, family) -> "ParallelContext":
+        """`cfg` as `check_layout` left it (it already ran in the launching process)."""
         rank, world = dist.get_rank(), dist.get_world_size()
-        sizes = Sizes.from_cfg(cfg, world)
+        sizes = Sizes.from_cfg(cfg, family.module_names, world)
         if sizes.world != world:
             raise ConfigError(
                 f"parallel: pp x dp x tp = {sizes.pp} x {sizes.dp} x {sizes.tp_max} but the world has {world} processes"
             )
-        plans = check_layout(cfg, depths)
+        pp = cfg.parallel.pp
+        plans = validate_layout(
+            pp.size, None if pp.layers is None else {k: list(v) for k, v in pp.layers.items()}, family.depths,
+            num_microbatches=num_microbatches(cfg, sizes.dp), schedule=pp.schedule, virtual_stages=pp.virtual_stages,
+        )
         dev_type = device.detect(cfg.train.device).type
         pp_rank, local = divmod(rank, sizes.width)
         # One mesh per distinct TP size (modules with equal sizes share it), built
         # in the same order on every rank.
         meshes, modules = {}, {}
-        t_llm = sizes.tp["llm"]
-        for m in MODULES:
+        t_llm = sizes.tp[LLM]
+        for m in family.module_names:
             t = sizes.tp[m]
             if t not in meshes:
                 meshes[t] = build_mesh(dev_type, sizes, t)
@@ -186,7 +236,7 @@ class ParallelContext:
                 mm.parts, mm.part = t_llm // t, (local % t_llm) // t
                 mm.part_group = meshes[t, "part"]["part"].get_group()
             modules[m] = mm
-        llm = modules["llm"]
+        llm = modules[LLM]
         pp_mesh = llm.mesh["pp"]
         mine = [s for s in plans if s.rank == pp_rank]
         return cls(
@@ -201,17 +251,17 @@ class ParallelContext:
     def is_logging_rank(self) -> bool:
         return self.rank == 0
 
-    def parallelize(self, adapter, model, segs):
+    def parallelize(self, adapter, model, plans):
         """TP then FSDP on the modules this rank materialized (others stay on meta),
         each over its own module mesh."""
         from omnitrain.parallel.fsdp import apply_fsdp
         from omnitrain.parallel.tp import apply_tp
 
-        owned = list(dict.fromkeys(p for seg in segs for p in adapter.owned_prefixes(seg)))
-        per_module = {m: [p for p in owned if adapter.module_of(p + ".") == m] for m in MODULES}
+        owned = list(dict.fromkeys(p for plan in plans for p in adapter.owned_prefixes(plan)))
+        per_module = {m: [p for p in owned if adapter.module_of(p + ".") == m] for m in self.modules}
         for m, mm in self.modules.items():
             if mm.tp_size > 1:
-                apply_tp(model, adapter, m, mm.mesh["tp"], per_module[m], sequence_parallel=self.sequence_parallel and m == "llm")
+                apply_tp(model, adapter, m, mm.mesh["tp"], per_module[m], sequence_parallel=self.sequence_parallel and m == LLM)
         if self.dp_mode == "fsdp":
             dev = next((p.device for p in model.parameters() if not p.is_meta), None)
             for m, mm in self.modules.items():
@@ -223,7 +273,8 @@ class ParallelContext:
         more replicas than the LLM, then give every replica of the encoder the
         same passes (dummy media where missing): FSDP's per-unit collectives,
         and the replicate all-reduce's grad set, need it."""
-        from omnitrain.parallel.fsdp import MEDIA, align_media
+        from omnitrain.models.family import MEDIA
+        from omnitrain.parallel.fsdp import align_media
         from omnitrain.parallel.redistribute import part_range
 
         out = []
@@ -236,11 +287,11 @@ class ParallelContext:
                     lo, hi = part_range(mb["input_ids"].shape[0], mm.parts, mm.part)
                     slices[m] = adapter.slice_media(mb, m, lo, hi)
             out.append({**mb, "_slices": slices} if slices else dict(mb))
-        for m, keys in adapter.MEDIA_KEYS.items():
+        for m in adapter.encoders:
             mm = self.modules[m]
             if mm.dp_size == 1:
                 continue
-            media = [(kind, key) for kind, key in MEDIA if key in keys]
+            media = [(kind, MEDIA[kind].trigger) for kind in adapter.spec(m).media]
             if mm.parts > 1:
                 views = align_media(adapter, [mb["_slices"][m] for mb in out], media, mm.dp_group, dev)
                 for mb, v in zip(out, views):
@@ -352,7 +403,6 @@ class ParallelContext:
         return loss
 
     def run_pipeline(self, trainer, micro_batches: list[dict], num_label_tokens: int):
-        from omnitrain.models.qwen25_omni import Segments
         from omnitrain.pipeline import schedule as sched
         from omnitrain.pipeline.executor import run_pipeline
 
@@ -360,8 +410,7 @@ class ParallelContext:
         plan = sched.build(self.schedule, self.pp_size, m, len(self.stage_plans))
         stages = {}
         for sp in self.stage_plans:
-            seg = Segments.from_plan(sp)
-            stages[sp.index] = _Stage(trainer, seg, micro_batches, num_label_tokens)
+            stages[sp.index] = _Stage(trainer, sp, micro_batches, num_label_tokens)
         res = run_pipeline(
             plan.actions[self.pp_rank],
             stages,
@@ -390,12 +439,12 @@ class ParallelContext:
 class _Stage:
     """Adapts a Trainer's segment forward to the executor's stage protocol."""
 
-    def __init__(self, trainer, seg, micro_batches, num_label_tokens):
-        self.trainer, self.seg, self.mbs, self.n = trainer, seg, micro_batches, num_label_tokens
+    def __init__(self, trainer, plan, micro_batches, num_label_tokens):
+        self.trainer, self.plan, self.mbs, self.n = trainer, plan, micro_batches, num_label_tokens
 
     def forward(self, mb: int, inputs: dict):
         t = self.trainer
         from omnitrain import device
 
         with device.autocast(t.dev, t.dtype):
-            return t.adapter.stage_forward(t.model, self.seg, self.mbs[mb], inputs, self.n, hooks=t.hooks)
+            return t.adapter.stage_forward(t.model, self.plan, self.mbs[mb], inputs, self.n, hooks=t.hooks)

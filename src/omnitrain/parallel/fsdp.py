@@ -24,14 +24,10 @@ from torch import nn
 
 from omnitrain import device
 
-# (media kind, the micro-batch key that makes the adapter run its encoder)
-MEDIA = (("image", "pixel_values"), ("video", "pixel_values_videos"), ("audio", "input_features"))
-
-
 # FSDP2 warns about any unit returning a view (an in-place op on it would skip
-# the pre-backward hook). The patch embedding returns one; the adapter only
-# indexes it (no in-place op), which the parity tests confirm.
-warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPQwen2_5_VisionPatchEmbed\) returned a view")
+# the pre-backward hook). Vision patch embeddings return one; the families only
+# index it (no in-place op), which the parity tests confirm.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP\w*PatchEmbed\) returned a view")
 
 
 def apply_fsdp(model: nn.Module, units: list[str], dp_mesh, opts, dev: torch.device) -> list[str]:

@@ -2,12 +2,12 @@
 
 Pure: a function from (pp size, per-module layer lists, module depths, schedule)
 to one `StagePlan` per pipeline stage, or a `ConfigError` that names the key to
-change. Nothing here imports a model; depths come from the model adapter
-(Qwen2.5-Omni's thinker: vision 32, audio 32, llm 28).
+change. Nothing here imports a model; the modules and their depths come from
+the model family (e.g. vision 32, audio 32, llm 28), the decoder last.
 
 Order of the segments along the pipeline is fixed by the model's data flow:
-encoders (vision, audio) -> merge (embed tokens, scatter encoder features into
-their placeholders, 3-D rope positions) -> LLM layers -> norm + head + loss.
+encoders -> merge (embed tokens, scatter encoder features into their
+placeholders, positions) -> LLM layers -> norm + head + loss.
 So an encoder's layers must sit no later than the stage that holds LLM layer 0,
 and the last stage must hold LLM layers.
 
@@ -23,8 +23,7 @@ from typing import Mapping
 
 from omnitrain.config import ConfigError
 
-ENCODERS = ("vision", "audio")
-LLM = "llm"
+LLM = "llm"  # the decoder module's name in every family
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 
 _KEY = "parallel.pp.layers"
@@ -35,19 +34,19 @@ class StagePlan:
     """What one pipeline stage builds and runs.
 
     `layers[module]` is the half-open range of that module's layers on this
-    stage (empty when it holds none). The flags place the non-layer segments.
+    stage (empty when it holds none). A module's `pre` part (encoder: patch /
+    conv embedding; decoder: the merge of embeddings and encoder features)
+    runs on the first stage holding its layers, its `post` part (encoder:
+    merger / projection; decoder: norm, head and loss) on the last.
     """
 
     index: int  # position in the pipeline (virtual stage when interleaved)
     rank: int  # pipeline rank that runs it
     num_stages: int
     layers: Mapping[str, range] = field(hash=False)
-    vision_pre: bool = False  # patch_embed + rotary: first stage with vision layers
-    vision_post: bool = False  # merger: last stage with vision layers
-    audio_pre: bool = False  # conv1/conv2 + positional embedding: first stage with audio layers
-    audio_post: bool = False  # ln_post + avg_pooler + proj: last stage with audio layers
-    merge: bool = False  # embed tokens + scatter features + 3-D rope: stage with LLM layer 0
-    head: bool = False  # norm + lm_head + loss: the last stage
+    pre: frozenset = frozenset()
+    post: frozenset = frozenset()
+    decoder: str = LLM
 
     @property
     def is_first(self) -> bool:
@@ -57,8 +56,23 @@ class StagePlan:
     def is_last(self) -> bool:
         return self.index == self.num_stages - 1
 
+    @property
+    def merge(self) -> bool:
+        return self.decoder in self.pre
+
+    @property
+    def head(self) -> bool:
+        return self.decoder in self.post
+
     def has(self, module: str) -> bool:
-        return len(self.layers.get(module, range(0))) > 0
+        """Whether this stage runs any segment of `module`."""
+        return len(self.layers.get(module, range(0))) > 0 or module in self.pre or module in self.post
+
+
+def whole_plan(depths: Mapping[str, int], decoder: str = LLM) -> StagePlan:
+    """Everything on one stage."""
+    present = frozenset(m for m, d in depths.items() if d)
+    return StagePlan(0, 0, 1, {m: range(d) for m, d in depths.items()}, present, present, decoder)
 
 
 def even_split(depth: int, pp: int) -> list[int]:
@@ -103,11 +117,12 @@ def _check_schedule(pp_size: int, m: int, schedule: str, v: int) -> None:
         )
 
 
-def _normalise(layers: Mapping[str, list[int]], depths: Mapping[str, int], n: int, what: str) -> dict[str, list[int]]:
+def _normalise(layers: Mapping[str, list[int]], depths: Mapping[str, int], n: int, what: str, model: str) -> dict[str, list[int]]:
     unknown = sorted(set(layers) - set(depths))
     if unknown:
         raise ConfigError(
-            f"{_KEY}.{unknown[0]}: unknown module; this model has {', '.join(depths)}"
+            f"{_KEY}.{unknown[0]}: {model} has no {unknown[0]} module; its modules are {', '.join(depths)}: "
+            f"remove {_KEY}.{unknown[0]}"
         )
     out = {}
     for mod, depth in depths.items():
@@ -144,12 +159,13 @@ def validate_layout(
     num_microbatches: int,
     schedule: str,
     virtual_stages: int = 1,
+    model: str = "this model",
 ) -> list[StagePlan]:
     """Check a per-module layer split and return one StagePlan per (virtual) stage.
 
-    `depths` maps module name -> layer count; it must contain "llm" (the
-    decoder: merge, head and loss hang off it). A module with depth 0 (a model
-    without audio) needs no list and gets no segments. Raises ConfigError.
+    `depths` maps module name -> layer count, encoders in data-flow order;
+    it must contain "llm" (the decoder: merge, head and loss hang off it).
+    A module with depth 0 needs no list and gets no segments. Raises ConfigError.
     """
     if pp_size < 1:
         raise ConfigError(f"parallel.pp.size={pp_size}: must be >= 1")
@@ -167,7 +183,7 @@ def validate_layout(
                 f"{', '.join(f'{_KEY}.{m}' for m in depths)} lists with {n} entries each"
             )
         layers = {mod: [d] for mod, d in depths.items()}
-    counts = _normalise(layers, depths, n, what)
+    counts = _normalise(layers, depths, n, what, model)
 
     llm = counts[LLM]
     if not llm[-1]:
@@ -176,9 +192,8 @@ def validate_layout(
             "last LLM layer); move layers to the last entry"
         )
     merge_stage = next(s for s in range(n) if llm[s])
-    for enc in ENCODERS:
-        c = counts.get(enc)
-        if not c:
+    for enc, c in counts.items():
+        if enc == LLM or not any(c):
             continue
         late = [s for s in range(merge_stage + 1, n) if c[s]]
         if late:
@@ -196,26 +211,13 @@ def validate_layout(
 
     plans = []
     start = {mod: 0 for mod in counts}
+    holders = {mod: [i for i in range(n) if c[i]] for mod, c in counts.items()}
     for s in range(n):
         rngs = {}
         for mod, c in counts.items():
             rngs[mod] = range(start[mod], start[mod] + c[s])
             start[mod] += c[s]
-        flags = {}
-        for enc in ENCODERS:
-            c = counts.get(enc, [0] * n)
-            holders = [i for i in range(n) if c[i]]
-            flags[f"{enc}_pre"] = bool(holders) and s == holders[0]
-            flags[f"{enc}_post"] = bool(holders) and s == holders[-1]
-        plans.append(
-            StagePlan(
-                index=s,
-                rank=s % pp_size,
-                num_stages=n,
-                layers=rngs,
-                merge=s == merge_stage,
-                head=s == n - 1,
-                **flags,
-            )
-        )
+        pre = frozenset(m for m, h in holders.items() if h and s == h[0])
+        post = frozenset(m for m, h in holders.items() if h and s == h[-1])
+        plans.append(StagePlan(index=s, rank=s % pp_size, num_stages=n, layers=rngs, pre=pre, post=post, decoder=LLM))
     return plans

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from omnitrain.config import ConfigError
 
-MODULES = ("vision", "audio", "llm")
+LLM = "llm"  # the decoder module (every family's)
 
 
 @dataclass(frozen=True)
@@ -44,12 +44,18 @@ class Sizes:
         return self.width // self.tp[module]
 
     @classmethod
-    def from_cfg(cls, cfg, world_size: int | None = None) -> "Sizes":
+    def from_cfg(cls, cfg, modules, world_size: int | None = None, model: str = "this model") -> "Sizes":
+        """`modules`: the model family's module names. `parallel.tp` is one
+        size for every module or a size per module (unlisted ones: 1)."""
         p = cfg.parallel
-        tp = {m: int(p.tp.get(m, 1)) for m in MODULES}
-        extra = sorted(set(p.tp) - set(MODULES))
+        per = p.tp if hasattr(p.tp, "keys") else {m: p.tp for m in modules}
+        extra = sorted(set(per) - set(modules))
         if extra:
-            raise ConfigError(f"parallel.tp.{extra[0]}: unknown module; use {', '.join(MODULES)}")
+            raise ConfigError(
+                f"parallel.tp.{extra[0]}: {model} has no {extra[0]} module; its modules are {', '.join(modules)}: "
+                f"remove parallel.tp.{extra[0]}"
+            )
+        tp = {m: int(per.get(m, 1)) for m in modules}
         bad = [m for m, v in tp.items() if v < 1]
         if bad:
             raise ConfigError(f"parallel.tp.{bad[0]}={tp[bad[0]]}: must be >= 1")
@@ -92,6 +98,6 @@ def build_part_mesh(device_type: str, sizes: Sizes, tp: int):
     which together encode one micro-batch (parallel/redistribute.py)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    t_llm = sizes.tp["llm"]
+    t_llm = sizes.tp[LLM]
     shape = (sizes.pp, sizes.width // t_llm, t_llm // tp, tp)
     return init_device_mesh(device_type, shape, mesh_dim_names=("pp", "dp", "part", "tp"))

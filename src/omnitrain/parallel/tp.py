@@ -1,6 +1,6 @@
-"""Tensor parallelism: apply a model adapter's TP plan (data) with DTensor.
+"""Tensor parallelism: apply a model family's TP plan (data) with DTensor.
 
-The adapter lists, per module, FQN patterns and a style; this file maps the
+The family lists, per module, FQN patterns and a style; this file maps the
 styles to torch.distributed.tensor.parallel and applies them to the modules
 this stage materialized (others are on the meta device and stay untouched).
 Activations between layers stay plain tensors (replicated; with sequence
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 
+import torch
 from torch import nn
 
 from omnitrain.config import ConfigError
@@ -30,6 +31,113 @@ def check_divisible(tp: dict[str, int], sizes: dict[str, dict[str, int]]) -> Non
                 )
 
 
+class FusedColwise:
+    """Column parallel for a Linear whose output is `parts` equal blocks (a
+    fused q|k|v projection): each rank keeps its 1/tp of every block, so its
+    local output is [q_r | k_r | v_r], which HF's reshape into
+    (parts, heads / tp, head_dim) expects. A plain colwise shard would give
+    rank 0 all of q. The parameters are DTensors placed `_StridedShard(0,
+    split_factor=parts)` (full_tensor() and checkpoints see HF's layout);
+    the forward multiplies the local shards. torch has no ParallelStyle for
+    it, hence this small one."""
+
+    def __init__(self, parts: int = 3):
+        self.parts = parts
+
+    def apply(self, module: nn.Module, mesh) -> nn.Module:
+        import torch.nn.functional as F
+        from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
+        from torch.distributed.tensor.placement_types import _StridedShard
+
+        _patch_dcp_for_strided_shards()
+        for name, p in list(module.named_parameters(recurse=False)):
+            d = distribute_tensor(p.data, mesh, [_StridedShard(0, split_factor=self.parts)])
+            module.register_parameter(name, nn.Parameter(d, requires_grad=p.requires_grad))
+
+        def forward(x):
+            # Identity forward, all-reduce backward (what ColwiseParallel's
+            # Replicate input does): each rank's input gradient only holds its
+            # heads' part. Without it the layers below trained on a partial sum.
+            x = DTensor.from_local(x, mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
+            b = module.bias.to_local() if module.bias is not None else None
+            return F.linear(x, module.weight.to_local(), b)
+
+        module.forward = forward
+        return module
+
+
+def _fused_chunks(t):
+    """A FusedColwise DTensor's local shard as (global offset, local offset,
+    length) runs along its sharded dim: one per part, as rank r holds rows
+    [(j tp + r) c, (j tp + r + 1) c) of part j. None for any other DTensor."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    if t.device_mesh.ndim != 1 or len(t.placements) != 1 or type(t.placements[0]) is not _StridedShard:
+        return None
+    p, n, r = t.placements[0], t.device_mesh.size(), t.device_mesh.get_local_rank()
+    rows = t.shape[p.dim]
+    if rows % (n * p.split_factor):
+        return None
+    c = rows // (n * p.split_factor)
+    return p.dim, [((j * n + r) * c, j * c, c) for j in range(p.split_factor)]
+
+
+def _patch_dcp_for_strided_shards() -> None:
+    """torch.distributed.checkpoint describes a DTensor's local shard as one
+    chunk at one offset; a FusedColwise shard is `parts` chunks (torch 2.14
+    saves it as overlapping chunks and fails). Describe those DTensors
+    (parameters and the optimizer states made like them) as their chunks, so
+    checkpoints hold the full tensor in HF's layout and reshard to any
+    layout; every other DTensor keeps torch's own methods."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+    from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+    from torch.distributed.tensor import DTensor
+
+    if getattr(DTensor, "_omnitrain_fused_chunks", False):
+        return
+    orig = DTensor.__create_write_items__, DTensor.__create_chunk_list__, DTensor.__get_tensor_shard__
+
+    def chunks(t):
+        dim, runs = _fused_chunks(t)
+        out = []
+        for g, _, c in runs:
+            offsets, sizes = [0] * t.ndim, list(t.shape)
+            offsets[dim], sizes[dim] = g, c
+            out.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)))
+        return out
+
+    def create_write_items(self, fqn, object):
+        if _fused_chunks(self) is None:
+            return orig[0](self, fqn, object)
+        props = TensorProperties.create_from_tensor(self.to_local())
+        return [
+            WriteItem(
+                index=MetadataIndex(fqn, ch.offsets, i),
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(chunk=ch, properties=props, size=self.size()),
+            )
+            for i, ch in enumerate(chunks(self))
+        ]
+
+    def create_chunk_list(self):
+        return orig[1](self) if _fused_chunks(self) is None else chunks(self)
+
+    def get_tensor_shard(self, index):
+        found = _fused_chunks(self)
+        if found is None:
+            return orig[2](self, index)
+        dim, runs = found
+        for g, local, c in runs:
+            if index.offset is None or index.offset[dim] == g:
+                return self.to_local().narrow(dim, local, c)
+        raise ValueError(f"{index}: no such chunk in this rank's shard")
+
+    DTensor.__create_write_items__ = create_write_items
+    DTensor.__create_chunk_list__ = create_chunk_list
+    DTensor.__get_tensor_shard__ = get_tensor_shard
+    DTensor._omnitrain_fused_chunks = True
+
+
 def _styles(sequence_parallel: bool = False):
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel
@@ -41,6 +149,7 @@ def _styles(sequence_parallel: bool = False):
         "vocab_embed": lambda: RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
         # Logits computed per vocab shard and gathered: the loss code sees full logits.
         "vocab_head": lambda: ColwiseParallel(output_layouts=Replicate()),
+        "colwise_fused3": lambda: FusedColwise(3),
     }
     if sequence_parallel:
         # Between the TP blocks the residual stream is a plain local tensor
@@ -82,8 +191,8 @@ def apply_tp(model: nn.Module, adapter, module: str, tp_mesh, owned: list[str], 
     """Shard `module`'s planned submodules under the `owned` prefixes over `tp_mesh`.
 
     Returns how many submodules were sharded. Head-count attributes listed by
-    the adapter are divided by the TP size (HF's encoders reshape by them).
-    With `sequence_parallel`, the adapter's SP_PLAN entries join the plan and
+    the family are divided by the TP size (HF's encoders reshape by them).
+    With `sequence_parallel`, the family's sp_plan entries join the plan and
     the row-parallel / head styles hand over sequence shards.
     """
     from torch.distributed.tensor.parallel import parallelize_module
@@ -92,9 +201,9 @@ def apply_tp(model: nn.Module, adapter, module: str, tp_mesh, owned: list[str], 
     if t == 1:
         return 0
     styles = _styles(sequence_parallel)
-    entries = list(adapter.TP_PLAN.get(module, ()))
+    entries = list(adapter.tp_plan.get(module, ()))
     if sequence_parallel:
-        entries += list(adapter.SP_PLAN.get(module, ()))
+        entries += list(adapter.sp_plan.get(module, ()))
     plan = {}
     for name, sub in model.named_modules():
         if not any(name == p or name.startswith(p + ".") for p in owned):
@@ -102,9 +211,16 @@ def apply_tp(model: nn.Module, adapter, module: str, tp_mesh, owned: list[str], 
         for pattern, style in entries:
             if _matches(pattern, name):
                 plan[name] = styles[style]()
-        for pattern, attr in adapter.TP_HEAD_ATTRS.get(module, ()):
+        for pattern, attr in adapter.tp_head_attrs.get(module, ()):
             if _matches(pattern, name):
                 setattr(sub, attr, getattr(sub, attr) // t)
-    if plan:
-        parallelize_module(model, tp_mesh, plan)
+    modules = dict(model.named_modules())
+    torch_plan = {}
+    for name, style in plan.items():
+        if isinstance(style, FusedColwise):
+            style.apply(modules[name], tp_mesh)
+        else:
+            torch_plan[name] = style
+    if torch_plan:
+        parallelize_module(model, tp_mesh, torch_plan)
     return len(plan)

@@ -46,6 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from omnitrain import device
+from omnitrain.errors import UserError
 
 __all__ = ["CheckpointError", "find_resume", "latest", "load", "save"]
 
@@ -55,8 +56,10 @@ LATEST = "latest"
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True, strict=False)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be loaded into this run; nothing was modified."""
+
+    kind = "checkpoint error"
 
 
 # ----------------------------------------------------------------------------- paths
@@ -129,13 +132,15 @@ def save(
     extra: dict | None = None,
     keep_last: int = 2,
     save_optimizer: bool = True,
+    run: dict | None = None,
 ) -> Path:
     """Write checkpoint `step` and make it the latest; returns its dir.
 
     Every rank calls this. The step becomes visible (`latest`) only after all
     ranks finished writing; a failure on the way leaves the previous one as
     latest. `keep_last` <= 0 keeps every checkpoint. `dev` selects whose RNG
-    state is saved besides the CPU's.
+    state is saved besides the CPU's. `run` (steps, batch, schedule) goes into
+    meta.json, so a resume can say what it changes (`read_meta`).
     """
     rank = _rank()
     root = checkpoint_root(run_dir)
@@ -162,6 +167,7 @@ def save(
             "step": step,
             "world_size": _world(),
             "time": time.time(),
+            "run": run or {},
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if final.exists():
@@ -178,6 +184,12 @@ def save(
         _prune(root, keep_last, keep=final)
     _barrier()
     return final
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """A step dir's meta.json ({} when absent, e.g. written by convert)."""
+    f = Path(path) / "meta.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
 
 
 def _prune(root: Path, keep_last: int, keep: Path) -> None:

@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from omnitrain import device
-from omnitrain.models.qwen25_omni import Segments
+from omnitrain.parallel.layout import whole_plan
 from omnitrain.train.metrics import MetricsLogger
 from omnitrain.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 
@@ -38,25 +37,28 @@ class StepResult:
 
 
 class Trainer:
-    """Holds what one rank needs: its stage of the model, optimizer, data."""
+    """Holds what one rank needs: its stage of the model, optimizer, data.
 
-    def __init__(self, cfg, *, dist_ctx=None):
+    `family` is the model family's adapter (models/family.py), built once per
+    process and passed in."""
+
+    def __init__(self, cfg, family, *, dist_ctx=None):
         self.cfg = cfg
         self.dev_info = device.detect(cfg.train.device)
         self.dev = self.dev_info.torch_device(device.local_rank())
         self.ctx = dist_ctx  # parallel.context.ParallelContext or None for one process
-        self.adapter = instantiate(cfg.model, _convert_="all")
-        self.segs = self._segments()
+        self.adapter = family
+        self.plans = self._plans()
         device.manual_seed_all(cfg.train.seed)
-        self.model = self.adapter.build(self.segs, self.dev, cfg.train.seed)
+        self.model = self.adapter.build(self.plans, self.dev, cfg.train.seed)
         if self.ctx is not None:  # [parallel hook] TP / FSDP on this rank's modules
-            self.model = self.ctx.parallelize(self.adapter, self.model, self.segs)
+            self.model = self.ctx.parallelize(self.adapter, self.model, self.plans)
         self.module_params = [(self.adapter.module_of(n), p) for n, p in self.adapter.local_parameters(self.model)]
         self.params = [p for _, p in self.module_params]
         # [parallel hook] joins encoder features computed in parts, shards the LLM's sequence
         self.hooks = self.ctx.stage_hooks() if self.ctx is not None else None
-        self.optimizer = build_optimizer(self.params, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        self.optimizer = build_optimizer(self.params, cfg.optim.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim.scheduler, cfg.train.steps)
         self.dtype = {"fp32": None, "bf16": torch.bfloat16}[cfg.train.dtype]
         self.loader = None
         self.step = 0
@@ -74,10 +76,10 @@ class Trainer:
     def is_logging_rank(self) -> bool:
         return self.ctx.is_logging_rank if self.ctx else True
 
-    def _segments(self) -> list[Segments]:
+    def _plans(self) -> list:
         if self.ctx is None or self.ctx.num_stages == 1:
-            return [Segments.whole(self.adapter.depths)]
-        return [Segments.from_plan(p) for p in self.ctx.stage_plans]
+            return [whole_plan(self.adapter.depths)]
+        return list(self.ctx.stage_plans)
 
     @property
     def num_microbatches(self) -> int:
@@ -92,7 +94,7 @@ class Trainer:
         t = self.cfg.train
         self.loader = build_loader(
             self.cfg.data,
-            self.cfg.model,
+            self.adapter,
             processor,
             seed=t.seed,
             micro_batch_size=t.micro_batch_size,
@@ -108,7 +110,7 @@ class Trainer:
 
     def forward(self, mb: dict, inputs: dict, num_label_tokens):
         with device.autocast(self.dev, self.dtype):
-            return self.adapter.stage_forward(self.model, self.segs[0], mb, inputs, num_label_tokens, hooks=self.hooks)
+            return self.adapter.stage_forward(self.model, self.plans[0], mb, inputs, num_label_tokens, hooks=self.hooks)
 
     def train_step(self, micro_batches: list[dict]) -> StepResult:
         t0 = time.perf_counter()
@@ -152,11 +154,16 @@ class Trainer:
             self.build_data()
         self.maybe_resume(run_dir)
         it = iter(self.loader)
-        logger = MetricsLogger(run_dir, cfg.steps, enabled=self.is_logging_rank, progress=cfg.progress)
+        logger = MetricsLogger(run_dir, cfg.steps, enabled=self.is_logging_rank, progress=cfg.progress, start_step=self.step)
         peak = device.peak_flops(self.dev) * (self.ctx.world_size if self.ctx else 1)
         rows = []
+        self.checkpoints_written = 0
+        t_start = time.perf_counter()
         try:
+            from omnitrain.launch import report_step
+
             while self.step < cfg.steps:
+                report_step(self.step)  # for the heartbeat: where a rank that stops answering was
                 mbs = [next(it) for _ in range(self.num_microbatches)]
                 res = self.train_step(mbs)
                 row = {
@@ -184,6 +191,10 @@ class Trainer:
             s = stats()
             if s.get("skipped"):
                 log.warning("data: skipped %s samples (%s)", s["skipped"], s)
+        if self.is_logging_rank:
+            from omnitrain.console import summary
+
+            log.info("%s", summary(rows, run_dir, time.perf_counter() - t_start, self.checkpoints_written))
         return rows
 
 
@@ -192,7 +203,7 @@ class Trainer:
         from omnitrain.train import checkpoint
 
         t = self.cfg.train
-        return checkpoint.save(
+        path = checkpoint.save(
             run_dir,
             self.step,
             model=self.model,
@@ -202,7 +213,21 @@ class Trainer:
             dev=self.dev,
             keep_last=t.keep_last,
             save_optimizer=t.save_optimizer,
+            run=self.run_shape(),
         )
+        self.checkpoints_written = getattr(self, "checkpoints_written", 0) + 1
+        if self.is_logging_rank:
+            log.info("checkpoint: step %d -> %s", self.step, path)
+        return path
+
+    def run_shape(self) -> dict:
+        """What a resume must keep (the batch) or says it changes (steps, schedule)."""
+        t = self.cfg.train
+        return {
+            "steps": t.steps,
+            "global_batch_size": t.global_batch_size,
+            "scheduler": OmegaConf.to_container(self.cfg.optim.scheduler, resolve=True),
+        }
 
     def maybe_resume(self, run_dir) -> None:
         from omnitrain.train import checkpoint
@@ -210,10 +235,33 @@ class Trainer:
         path = checkpoint.find_resume(run_dir, self.cfg.train.resume)
         if path is None:
             return
+        saved = checkpoint.read_meta(path).get("run") or {}
+        now = self.run_shape()
+        if saved.get("global_batch_size", now["global_batch_size"]) != now["global_batch_size"]:
+            raise checkpoint.CheckpointError(
+                f"train.resume={path}: the checkpoint trained on train.global_batch_size={saved['global_batch_size']}, "
+                f"this run has {now['global_batch_size']}, which changes what every later step trains on: set "
+                f"train.global_batch_size={saved['global_batch_size']} (or start a new run from the weights with model.init_from)"
+            )
         self.step = checkpoint.load(
             path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, loader=self.loader, dev=self.dev
         )
-        log.info("resumed from %s at step %d", path, self.step)
+        changed = [k for k in ("steps", "scheduler") if k in saved and saved[k] != now[k]]
+        if changed:
+            # The restored optimizer holds the old schedule's lr: apply the new one now, not a step later.
+            for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+                group["lr"] = base * fn(self.scheduler.last_epoch)
+            if self.is_logging_rank:
+                what = "; ".join(
+                    f"train.steps {saved['steps']} -> {now['steps']}" if k == "steps" else f"optim.scheduler {saved[k]} -> {now[k]}"
+                    for k in changed
+                )
+                log.warning(
+                    "resume: %s: the LR schedule is recomputed from step %d (lr now %.3g)",
+                    what, self.step, self.optimizer.param_groups[0]["lr"] if self.optimizer.param_groups else 0.0,
+                )
+        if self.is_logging_rank:
+            log.info("resumed from %s at step %d", path, self.step)
 
 
 def save_resolved_config(cfg, run_dir: str | Path) -> None:

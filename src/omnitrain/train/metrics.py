@@ -13,7 +13,7 @@ PROGRESS_MIN_STEPS = 50
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, total_steps: int, *, enabled: bool = True, progress: bool = True):
+    def __init__(self, run_dir: str | Path, total_steps: int, *, enabled: bool = True, progress: bool = True, start_step: int = 0):
         self.enabled = enabled
         self.total = total_steps
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -22,6 +22,7 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        drop_rows_after(self.path, start_step)
         # Append: a resumed run continues the same file.
         self._file = open(self.path, "a", buffering=1)
         if progress and total_steps >= PROGRESS_MIN_STEPS and sys.stderr.isatty():
@@ -48,6 +49,26 @@ class MetricsLogger:
             self._bar.close()
         if self._file is not None:
             self._file.close()
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """Keep rows up to `step` (the checkpoint a run resumes from): the steps a
+    killed run logged past it are run again and would appear twice."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+
+    def before(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except ValueError:  # a line cut short by a kill
+            return False
+
+    keep = [ln if ln.endswith("\n") else ln + "\n" for ln in lines if ln.strip() and before(ln)]
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(path)
 
 
 def format_row(row: dict, total: int) -> str:

@@ -1,30 +1,25 @@
-"""AdamW, warmup + cosine schedule, and global-norm gradient clipping."""
+"""Optimizer and LR schedule from config (`_target_`), and global-norm gradient clipping."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 
 import torch
 import torch.distributed as dist
 
 
-def build_optimizer(params, cfg) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters this rank owns.
+def build_optimizer(params, optimizer_cfg) -> torch.optim.Optimizer:
+    """The configured optimizer (`_target_`) over the trainable parameters this rank owns.
 
     A stage whose modules are all frozen owns no trainable parameter: it gets
     an optimizer over an empty group, whose step is a no-op, instead of failing.
     """
-    if cfg.name != "adamw":
-        raise ValueError(f"optim.name={cfg.name!r}: only adamw is supported")
+    from hydra.utils import instantiate
+
     params = [p for p in params if p.requires_grad]
-    return torch.optim.AdamW(
-        [{"params": params}],
-        lr=cfg.lr,
-        betas=tuple(cfg.betas),
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        foreach=False,  # identical math whatever the parameter grouping
-    )
+    return instantiate(optimizer_cfg, [{"params": params}], _convert_="all")
 
 
 def lr_lambda(step: int, *, warmup: int, total: int, min_ratio: float, kind: str) -> float:
@@ -37,11 +32,27 @@ def lr_lambda(step: int, *, warmup: int, total: int, min_ratio: float, kind: str
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer, cfg, total_steps: int):
-    def fn(step: int) -> float:
-        return lr_lambda(step, warmup=cfg.warmup_steps, total=total_steps, min_ratio=cfg.min_lr_ratio, kind=cfg.scheduler)
+def warmup_cosine(optimizer, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.1):
+    """Linear warmup, then cosine decay to min_lr_ratio x lr at total_steps."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_lambda, warmup=warmup_steps, total=total_steps, min_ratio=min_lr_ratio, kind="cosine")
+    )
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+def warmup_constant(optimizer, total_steps: int, warmup_steps: int = 0):
+    """Linear warmup, then the base lr."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_lambda, warmup=warmup_steps, total=total_steps, min_ratio=1.0, kind="constant")
+    )
+
+
+def build_scheduler(optimizer, scheduler_cfg, total_steps: int):
+    """The configured scheduler (`_target_`); `total_steps` is passed where it takes one."""
+    from hydra.utils import get_method, instantiate
+
+    fn = get_method(scheduler_cfg["_target_"]) if "_target_" in scheduler_cfg else None
+    takes_total = fn is not None and "total_steps" in inspect.signature(fn).parameters
+    return instantiate(scheduler_cfg, optimizer, **({"total_steps": total_steps} if takes_total else {}))
 
 
 def sum_of_squares(g: torch.Tensor) -> torch.Tensor:

@@ -13,19 +13,20 @@ def worker(cfg, make_loader=None, on_end=None) -> list[dict]:
     """`make_loader(dp_rank, dp_size)`, if given, replaces the configured data
     (tests feed synthetic micro-batches through the real loop this way);
     `on_end(trainer)` runs on every rank after training (tests collect state)."""
-    ctx = None
-    if launch.in_distributed_env():
-        from hydra.utils import instantiate
+    from omnitrain.models.family import build_family
 
+    ctx = None
+    family = build_family(cfg.model)  # once per process, passed on
+    if launch.in_distributed_env():
         from omnitrain.parallel.context import ParallelContext
 
         launch.init_distributed(device.detect(cfg.train.device), timeout_s=cfg.parallel.timeout_s)
-        ctx = ParallelContext.build(cfg, instantiate(cfg.model, _convert_="all").depths)
+        ctx = ParallelContext.build(cfg, family)
         if not ctx.is_logging_rank:
             # Every rank runs the same set-up: let one of them say it.
             logging.getLogger().setLevel(logging.WARNING)
     try:
-        trainer = Trainer(cfg, dist_ctx=ctx)
+        trainer = Trainer(cfg, family, dist_ctx=ctx)
         if make_loader is not None:
             trainer.loader = make_loader(trainer.dp_rank, trainer.dp_size)
         if ctx is None or ctx.is_logging_rank:

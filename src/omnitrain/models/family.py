@@ -1,0 +1,482 @@
+"""The model-family interface: what the generic packages (parallel, pipeline,
+data, train, convert, plan) may ask of a model. One subclass per family lives
+in `models/<family>/`; nothing outside `models/` names a family.
+
+A family declares data (its modules, TP plans, HF tensor names, chat tokens)
+and implements a few methods (encoders, merge, rope positions, dummy media,
+FLOPs); everything that follows from the declarations is here, once:
+meta build, per-module seeded init, the stage's owned modules, the decoder
+layers, the loss, media bookkeeping of a micro-batch, HF name mapping.
+
+Vocabulary:
+  module   a unit a layout splits and sizes on its own (`parallel.pp.layers.<m>`,
+           `parallel.tp.<m>`, `model.trainable.<m>`): encoders, then the decoder
+  segment  what a pipeline stage runs: a module's `pre` part (before its first
+           layer), its layers, its `post` part. The decoder's pre is the merge
+           (embed tokens, scatter encoder features, positions), its post the
+           head (norm, lm_head, loss).
+
+What crosses a pipeline cut is a dict of named tensors: `<kind>_h` (an
+encoder's hidden states of media kind `kind` between its layers),
+`<kind>_emb` (its output features), `h` and `pos` (the decoder's hidden
+states and positions). Everything else is read from the micro-batch, which
+every stage loads itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+def import_object(path: str):
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """One module of a family, by the FQNs of its HF parts."""
+
+    name: str
+    layers: str  # FQN of the nn.ModuleList of its layers
+    depth: str  # attribute path in the HF config that gives the layer count
+    prefixes: tuple[str, ...]  # parameter-name prefixes that belong to it
+    pre: tuple[str, ...] = ()  # FQNs run before its first layer
+    post: tuple[str, ...] = ()  # FQNs run after its last layer
+    shared: tuple[str, ...] = ()  # FQNs every stage with any of its segments needs (rotary tables)
+    media: tuple[str, ...] = ()  # media kinds an encoder encodes; () for the decoder
+
+
+@dataclass(frozen=True)
+class Media:
+    """Where one media kind sits in a micro-batch (the collator's layout)."""
+
+    kind: str
+    trigger: str  # the key whose presence runs the encoder
+    rows: tuple[str, ...]  # keys with one row per patch / clip, in sample order
+    per_item: tuple[str, ...] = ()  # keys with one row per item (grids, timings)
+    grid: str | None = None  # rows per item = prod(grid) (else one row per item)
+
+
+# The collator's keys (data/collate.py), shared by every family that has the kind.
+MEDIA = {
+    "image": Media("image", "pixel_values", ("pixel_values",), ("image_grid_thw",), "image_grid_thw"),
+    "video": Media("video", "pixel_values_videos", ("pixel_values_videos",), ("video_grid_thw", "video_second_per_grid"), "video_grid_thw"),
+    "audio": Media("audio", "input_features", (), ("input_features", "feature_attention_mask")),
+}
+
+
+@dataclass(frozen=True)
+class ChatSpec:
+    """What the data pipeline needs to lay out a sample for this family."""
+
+    tokens: Mapping[str, str]  # role -> token string (image, video, vision_bos, ..., im_start, im_end)
+    config_keys: Mapping[str, tuple[str, ...]]  # role -> HF config keys holding its id (checked against the tokenizer)
+    default_system: str = "You are a helpful assistant."
+    # A video's tokens interleaved with its soundtrack's (use_audio_in_video):
+    # fn(video grid, merge size, seconds per grid, audio tokens, ids,
+    # position ids per second, seconds per chunk) -> token ids; None = unsupported.
+    audio_in_video: Optional[Callable] = None
+
+
+class ModelFamily:
+    """Base of every family adapter; built by Hydra from `cfg.model` (`_target_`)."""
+
+    hf_class: str = ""  # the HF model class this family trains
+    hf_config_class: str = ""  # its config class
+    modules: tuple[ModuleSpec, ...] = ()  # encoders in data-flow order, the decoder last
+    chat: ChatSpec = None
+    # TP plans, per module: (FQN pattern, style); "*" is a layer index. Styles
+    # (parallel/tp.py): colwise, rowwise, vocab_embed, vocab_head, and for
+    # sequence parallelism seq_norm, seq_gather, seq_gather_kw.
+    tp_plan: Mapping[str, tuple] = {}
+    sp_plan: Mapping[str, tuple] = {}
+    # Head-count attributes HF's attention reshapes by: divided by the TP size.
+    tp_head_attrs: Mapping[str, tuple] = {}
+    # State-dict adapter: (in-memory prefix, file prefix) as save_pretrained writes them.
+    hf_names: tuple[tuple[str, str], ...] = ()
+    # HF config model_type of a folder this family reads -> (prefix of its
+    # tensors there, key of its sub-config or None for the top level).
+    hf_model_types: Mapping[str, tuple] = {}
+
+    def __init__(self, name, config, processor=None, config_class=None, init_from=None, trainable=None, transform=None):
+        self.name = name
+        self.processor = processor  # a folder or builtin:<name> (data.load_processor)
+        self.transform = transform
+        self.init_from = init_from
+        trainable = dict(trainable or {})
+        unknown = sorted(set(trainable) - set(self.module_names))
+        if unknown:
+            from omnitrain.config import ConfigError
+
+            raise ConfigError(f"model.trainable.{unknown[0]}: unknown module; model {name} has {', '.join(self.module_names)}")
+        self.trainable = {m: bool(trainable.get(m, True)) for m in self.module_names}
+        self.config_class = config_class or self.hf_config_class
+        self.hf_config = self.make_config(self.config_class, dict(config))
+
+    @classmethod
+    def from_hf_config(cls, config: dict, name: str = "hf"):
+        """The family for an HF folder's (sub-)config dict, without a model yaml."""
+        self = cls.__new__(cls)
+        ModelFamily.__init__(self, name, {}, processor=None)
+        self.hf_config = self.config_from_hf(config)
+        return self
+
+    # ---- modules ----------------------------------------------------------
+    @property
+    def module_names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.modules)
+
+    @property
+    def decoder(self) -> str:
+        return self.modules[-1].name
+
+    @property
+    def encoders(self) -> tuple[str, ...]:
+        return self.module_names[:-1]
+
+    def spec(self, module: str) -> ModuleSpec:
+        return next(m for m in self.modules if m.name == module)
+
+    @property
+    def depths(self) -> dict[str, int]:
+        out = {}
+        for m in self.modules:
+            v = self.hf_config
+            for part in m.depth.split("."):
+                v = getattr(v, part)
+            out[m.name] = int(v)
+        return out
+
+    def media_kinds(self) -> tuple[str, ...]:
+        return tuple(k for m in self.modules for k in m.media)
+
+    def module_of(self, param_name: str) -> str:
+        """The module a parameter (or `<FQN>.`) belongs to; the decoder takes the rest (lm_head)."""
+        for m in self.modules[:-1]:
+            if param_name.startswith(m.prefixes):
+                return m.name
+        return self.decoder
+
+    # ---- config -----------------------------------------------------------
+    def make_config(self, config_class: str, kwargs: dict):
+        cls = import_object(config_class)
+        extra = self.undeclared_config_keys()
+        default = cls()
+        known = set(default.to_dict()) | set(extra)
+        unknown = sorted(set(kwargs) - known)
+        # HF accepts any key of a sub-config silently: check those too.
+        for sub in getattr(default, "sub_configs", {}):
+            if isinstance(kwargs.get(sub), dict):
+                sub_known = set(getattr(default, sub).to_dict())
+                unknown += [f"{sub}.{k}" for k in sorted(set(kwargs[sub]) - sub_known)]
+        if unknown:
+            from omnitrain.config import ConfigError
+
+            raise ConfigError(f"model.config: unknown keys {unknown} for {config_class}; check the spelling")
+        cfg = cls(**{k: v for k, v in kwargs.items() if k not in extra})
+        for key in extra:  # read by HF code, not declared by the config class
+            if key in kwargs:
+                setattr(cfg, key, kwargs[key])
+        cfg._attn_implementation = "sdpa"
+        for sub in cfg.sub_configs:
+            getattr(cfg, sub)._attn_implementation = "sdpa"
+        return cfg
+
+    def undeclared_config_keys(self) -> tuple[str, ...]:
+        return ()
+
+    def config_from_hf(self, config: dict):
+        """The HF config object from a folder's (sub-)config dict."""
+        cls = import_object(self.config_class)
+        keep = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "transformers_version")}
+        extra = self.undeclared_config_keys()
+        cfg = cls(**{k: v for k, v in keep.items() if k not in extra})
+        for key in extra:
+            if key in keep:
+                setattr(cfg, key, keep[key])
+        return cfg
+
+    # ---- HF tensor names (state-dict adapter) -----------------------------
+    def to_hf_name(self, name: str) -> str:
+        for ours, theirs in self.hf_names:
+            if name.startswith(ours):
+                return theirs + name[len(ours) :]
+        return name
+
+    def from_hf_name(self, key: str) -> str:
+        for ours, theirs in self.hf_names:
+            if key.startswith(theirs):
+                return ours + key[len(theirs) :]
+        return key
+
+    @property
+    def hf_architecture(self) -> str:
+        return self.hf_class.rpartition(".")[2]
+
+    # ---- build ------------------------------------------------------------
+    def build_meta(self, hf_config=None) -> nn.Module:
+        """The whole HF model on the meta device: shapes only, no memory."""
+        cls = import_object(self.hf_class)
+        with torch.device("meta"):
+            return cls._from_config(hf_config or self.hf_config, dtype=torch.float32)
+
+    def owned_prefixes(self, plan) -> list[str]:
+        """Module FQNs a stage materializes (parameters and buffers), for a
+        `parallel.layout.StagePlan`."""
+        out = []
+        for m in self.modules:
+            if not plan.has(m.name):
+                continue
+            out += m.shared
+            if m.name in plan.pre:
+                out += m.pre
+            out += [f"{m.layers}.{i}" for i in plan.layers.get(m.name, range(0))]
+            if m.name in plan.post:
+                out += m.post
+        return out
+
+    def build(self, plans, device: torch.device, seed: int) -> nn.Module:
+        """Build on meta, then materialize and initialise only this rank's modules.
+
+        Each module is initialised from its own seed (run seed + hash of its
+        name), so a parameter gets the same values whatever the layout.
+        Modules this rank does not own stay on the meta device. A rank that
+        runs several (virtual) stages passes their plans as a list.
+        """
+        plans = plans if isinstance(plans, (list, tuple)) else [plans]
+        prefixes = list(dict.fromkeys(p for plan in plans for p in self.owned_prefixes(plan)))
+        model = self.build_meta()
+        modules = dict(model.named_modules())
+        for prefix in prefixes:
+            mod = modules[prefix]
+            # Initialise on CPU (one RNG, same values on every device type), then move.
+            mod.to_empty(device="cpu", recurse=True)
+            for name, sub in mod.named_modules(prefix=prefix):
+                with _seeded(seed, name):
+                    model._init_weights(sub)
+            mod.to(device)
+        if self.init_from:
+            from omnitrain.convert.hf import load_hf_weights
+
+            # After the init: non-persistent buffers (rotary) come from it, weights from the folder.
+            load_hf_weights(self, model, self.init_from)
+        for module in self.module_names:
+            if not self.trainable[module]:
+                for p in self.module_parameters(model, module):
+                    p.requires_grad_(False)
+        model.train()
+        return model
+
+    def module_parameters(self, model: nn.Module, module: str):
+        return [p for n, p in model.named_parameters() if self.module_of(n) == module]
+
+    @staticmethod
+    def local_parameters(model: nn.Module):
+        """(name, param) of the materialized parameters (not on meta)."""
+        return [(n, p) for n, p in model.named_parameters() if not p.is_meta]
+
+    # ---- forward ----------------------------------------------------------
+    def stage_forward(self, model: nn.Module, plan, mb: dict, inputs: dict, num_label_tokens, hooks=None):
+        """Run one stage's segments on one micro-batch.
+
+        `inputs` is what the previous stage sent (empty on the first stage).
+        Returns the dict for the next stage, or the loss on the head stage.
+        [parallel hook] `mb["_slices"][module]`, where present, holds the
+        media this rank encodes for `module` (a part of the micro-batch's
+        samples, see `slice_media`); `hooks[module]` joins the parts'
+        features, `hooks["seq_shard"]` keeps this rank's part of the
+        decoder's sequence.
+        """
+        hooks = hooks or {}
+        out = dict(inputs)
+        slices = mb.get("_slices", {})
+        for enc in self.encoders:
+            if plan.has(enc):
+                self.encode(enc, model, plan, slices.get(enc, mb), out)
+        dec = self.decoder
+        if dec in plan.pre:
+            self.merge(model, mb, out, hooks)
+            if "seq_shard" in hooks:
+                out["h"] = hooks["seq_shard"](out["h"])
+        if len(plan.layers.get(dec, range(0))):
+            self.decode(model, plan.layers[dec], mb, out)
+        if dec in plan.post:
+            return self.loss(model, out["h"], mb["labels"], num_label_tokens)
+        return out
+
+    def encode(self, module: str, model: nn.Module, plan, view: dict, out: dict) -> None:
+        """Run `module`'s segments of `plan` on the micro-batch view `view`."""
+        raise NotImplementedError
+
+    def rope_positions(self, model: nn.Module, mb: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dummy_media(self, kind: str) -> dict:
+        """The smallest input of one media kind, for a rank whose micro-batch has
+        none while a data-parallel peer's has some: FSDP's collectives need
+        every replica to run the same encoder passes. Marked in `_dummy` so
+        its features join the loss with weight 0 and no positions read it."""
+        raise NotImplementedError
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per decoder token (for MFU)."""
+        raise NotImplementedError
+
+    def tp_sizes(self) -> dict[str, dict[str, int]]:
+        """Per module, the sizes its TP size must divide (named for the error message)."""
+        raise NotImplementedError
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        return model.model.language_model
+
+    def token_id(self, role: str) -> int | None:
+        for key in self.chat.config_keys.get(role, ()):
+            v = getattr(self.hf_config, key, None)
+            if v is not None:
+                return int(v)
+        return None
+
+    def merge(self, model: nn.Module, mb: dict, out: dict, hooks: dict) -> None:
+        """Embed the tokens, scatter each media kind's features into its
+        placeholder positions, compute the positions."""
+        ids = mb["input_ids"]
+        emb = self.language_model(model).embed_tokens(ids)
+        slices = mb.get("_slices", {})
+        for m in self.modules[:-1]:
+            for kind in m.media:
+                feats = out.pop(f"{kind}_emb", None)
+                if feats is not None and kind in slices.get(m.name, mb).get("_dummy", ()):  # [parallel hook] see dummy_media
+                    emb = emb + 0.0 * feats.sum()  # keeps the dummy pass in the graph: its grads are zeros
+                    feats = feats[:0]
+                if feats is not None and m.name in slices:
+                    feats = hooks[m.name](feats)  # this rank encoded a part of the samples: join the parts
+                mask = ids == self.token_id(kind)
+                n_tok = int(mask.sum())
+                if feats is None or feats.shape[0] == 0:
+                    if n_tok:
+                        raise ValueError(f"micro-batch has {n_tok} {kind} tokens but no {kind} features")
+                    continue
+                if n_tok != feats.shape[0]:
+                    # HF does not check every kind (FACTS: silent misalignment); we do.
+                    raise ValueError(f"{kind} tokens ({n_tok}) != {kind} features ({feats.shape[0]}) in this micro-batch")
+                emb = emb.masked_scatter(mask.unsqueeze(-1), feats.to(emb.dtype))
+        out["h"] = emb
+        out["pos"] = self.rope_positions(model, mb)
+
+    def decode(self, model: nn.Module, layers: range, mb: dict, out: dict) -> None:
+        """The decoder's layers `layers`, called as HF's decoder calls them."""
+        from transformers.masking_utils import create_causal_mask
+
+        lm = self.language_model(model)
+        h, pos = out["h"], out["pos"]
+        # The mask spans the whole sequence; under sequence parallelism h holds
+        # a part of it, so the mask takes its length from the attention mask.
+        whole = h.new_empty((h.shape[0], mb["attention_mask"].shape[1], 0))
+        mask = create_causal_mask(
+            config=lm.config, inputs_embeds=whole, attention_mask=mb["attention_mask"], cache=None, position_ids=None
+        )
+        rot = lm.rotary_emb(h, pos)
+        for i in layers:
+            h = lm.layers[i](h, attention_mask=mask, position_embeddings=rot, position_ids=None, use_cache=False)
+        out["h"] = h
+
+    def loss(self, model: nn.Module, h: torch.Tensor, labels: torch.Tensor, num_label_tokens) -> torch.Tensor:
+        """Sum of token cross-entropies / label tokens of the whole global batch.
+
+        Dividing by the global count (not this micro-batch's) makes the sum of
+        micro-batch losses equal the single-process loss under any layout.
+        """
+        logits = model.lm_head(self.language_model(model).norm(h)).float()
+        # HF's ForCausalLMLoss layout (all S logits, labels shifted and padded
+        # with the ignore index): the same terms summed in HF's order, so the
+        # loss is bitwise HF's.
+        shift = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift, ignore_index=IGNORE_INDEX, reduction="sum") / num_label_tokens
+
+    @staticmethod
+    def count_label_tokens(mb: dict) -> int:
+        """Tokens the loss counts in a micro-batch (labels shifted by one, as in `loss`)."""
+        return int((mb["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    # ---- micro-batch bookkeeping [parallel hooks] --------------------------
+    def media_keys(self, module: str) -> tuple[str, ...]:
+        """Micro-batch keys an encoder reads."""
+        return tuple(k for kind in self.spec(module).media for k in (*MEDIA[kind].rows, *MEDIA[kind].per_item))
+
+    def media_items(self, mb: dict) -> list[dict[str, int]]:
+        """Per sample of a micro-batch, how many items of each media kind it has.
+        Media rows follow sample order, so these counts locate a sample's rows.
+        An image or video starts right after vision_bos; a video with its
+        soundtrack interleaved (use_audio_in_video) starts with audio_bos."""
+        ids, am = mb["input_ids"], mb["attention_mask"]
+        flags = mb.get("use_audio_in_video")
+        kinds = self.media_kinds()
+        vstart, astart = self.token_id("vision_bos"), self.token_id("audio_bos")
+        out = []
+        for b in range(ids.shape[0]):
+            row = ids[b][am[b].bool()]
+            starts = row[torch.nonzero(row == vstart).squeeze(1) + 1]
+            n = {k: int((starts == self.token_id(k)).sum()) for k in kinds if k != "audio"}
+            if "audio" in kinds:
+                n["audio"] = int((row == astart).sum())
+                if flags is not None and bool(flags[b]):
+                    n["video"] += int((starts == astart).sum())
+            out.append(n)
+        return out
+
+    def slice_media(self, mb: dict, module: str, lo: int, hi: int) -> dict:
+        """[parallel hook] `module`'s media of samples [lo, hi) of a micro-batch."""
+        items = self.media_items(mb)
+        out = {}
+        for kind in self.spec(module).media:
+            m = MEDIA[kind]
+            a = sum(s[kind] for s in items[:lo])
+            n = sum(s[kind] for s in items[lo:hi])
+            if not n:
+                continue
+            for key in m.per_item:
+                if key in mb:
+                    out[key] = mb[key][a : a + n]
+            if m.rows:
+                rows = mb[m.grid].prod(-1)
+                r0, r1 = int(rows[:a].sum()), int(rows[: a + n].sum())
+                for key in m.rows:
+                    out[key] = mb[key][r0:r1]
+        return out
+
+    def pad_sequence(self, mb: dict, multiple: int) -> dict:
+        """Right-pad a micro-batch's sequence to a multiple of `multiple`, as the
+        collator pads to the longest sample: the new positions are masked out
+        of attention and loss (labels ignored). Sequence parallelism needs
+        equal shards. The id is any non-media token (0)."""
+        extra = -mb["input_ids"].shape[1] % multiple
+        if not extra:
+            return mb
+        pads = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
+        return {**mb, **{k: F.pad(mb[k], (0, extra), value=v) for k, v in pads.items()}}
+
+
+@contextmanager
+def _seeded(seed: int, name: str):
+    """Fork the global RNG, seeded by (seed, module name)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+        yield
+
+
+def build_family(model_cfg) -> ModelFamily:
+    """The family adapter for `cfg.model` (its `_target_`)."""
+    from hydra.utils import instantiate
+
+    return instantiate(model_cfg, _convert_="all")
