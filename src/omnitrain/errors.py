@@ -23,8 +23,17 @@ class UserError(Exception):
     kind = "error"
 
 
+# Modules that define UserError subclasses: a worker's error arrives by class
+# name, which the parent may not have imported yet.
+_DEFINED_IN = ("omnitrain.config", "omnitrain.data.errors", "omnitrain.train.checkpoint", "omnitrain.convert.hf", "omnitrain.launch")
+
+
 def user_error_kinds() -> dict[str, str]:
     """Class name -> kind of every UserError subclass (a worker's error arrives by name)."""
+    import importlib
+
+    for name in _DEFINED_IN:
+        importlib.import_module(name)
     out, todo = {}, [UserError]
     while todo:
         cls = todo.pop()
