@@ -40,6 +40,11 @@ def _one_line_error(r, *words):
 def test_config_mistakes_are_one_line(tmp_path, layout):
     r = _omnitrain([*QUICK, *layout, "optim.optimizer.lr=-1", f"hydra.run.dir={tmp_path}/a"], tmp_path)
     _one_line_error(r, "optim.optimizer.lr=-1", "must be > 0")
+    # a dataset_info.json whose file_name names a folder
+    (tmp_path / "data" / "sub").mkdir(parents=True)
+    (tmp_path / "data" / "dataset_info.json").write_text(json.dumps({"ds": {"file_name": "sub"}}))
+    r = _omnitrain([*QUICK, *layout, f"data.dataset_dir={tmp_path}/data", "data.dataset=ds", f"hydra.run.dir={tmp_path}/c"], tmp_path)
+    _one_line_error(r, "dataset 'ds'", "is a folder", "file_name")
     vl = ["model=qwen25_vl", "train.steps=1"] + (["parallel=vl7b_pp2"] if layout else [])
     r = _omnitrain([*vl, "parallel.tp={audio: 1}", f"hydra.run.dir={tmp_path}/b"], tmp_path)
     _one_line_error(r, "parallel.tp.audio", "no audio module", "vision, llm")

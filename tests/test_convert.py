@@ -52,6 +52,7 @@ def test_round_trip_hf_train_export_same_logits(tmp_path, hf_dir):
     assert [r["step"] for r in rows] == [1, 2]
     out = mm_to_hf(str(run), str(tmp_path / "export"))
     assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json"} <= {p.name for p in out.iterdir()}
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in out.iterdir())  # readable by group and others
 
     exported, info = Thinker.from_pretrained(out, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info

@@ -25,7 +25,10 @@ class UserError(Exception):
 
 # Modules that define UserError subclasses: a worker's error arrives by class
 # name, which the parent may not have imported yet.
-_DEFINED_IN = ("omnitrain.config", "omnitrain.data.errors", "omnitrain.train.checkpoint", "omnitrain.convert.hf", "omnitrain.launch")
+_DEFINED_IN = (
+    "omnitrain.config", "omnitrain.data.errors", "omnitrain.train.checkpoint", "omnitrain.convert.hf",
+    "omnitrain.convert.__main__", "omnitrain.launch",
+)
 
 
 def user_error_kinds() -> dict[str, str]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -29,14 +30,17 @@ from pathlib import Path
 import torch
 
 from omnitrain.convert import hf
+from omnitrain.errors import UserError
 
 log = logging.getLogger("omnitrain.convert")
 
 HF_CONFIG = "config.json"  # what hf_to_mm stores in a checkpoint it writes
 
 
-class ConvertError(RuntimeError):
+class ConvertError(UserError, RuntimeError):
     """Bad input to a conversion; nothing was written."""
+
+    kind = "convert error"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -52,7 +56,18 @@ def _fresh_output(out: Path) -> Path:
     return tmp
 
 
+def _usual_modes(folder: Path) -> None:
+    """Files readable by group and others, as save_pretrained leaves them
+    (safetensors writes through a private 0600 temporary file)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in folder.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            f.chmod(0o666 & ~mask)
+
+
 def _publish(tmp: Path, out: Path) -> None:
+    _usual_modes(tmp)
     if out.exists():
         out.rmdir()  # empty, checked by _fresh_output
     tmp.rename(out)
@@ -372,27 +387,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from omnitrain.config import ConfigError
-    from omnitrain.launch import WorkerFailed
-    from omnitrain.train.checkpoint import CheckpointError
+    from omnitrain.errors import run_cli
 
-    try:
+    def body():
         if args.cmd == "hf_to_mm":
             path = hf_to_mm(args.hf_dir, args.out, args.dtype)
         elif args.cmd == "mm_to_hf":
             path = mm_to_hf(args.ckpt, args.out, args.config, args.dtype, int(args.max_shard_gb * 2**30), not args.no_processor)
         else:
             path = resplit(args.ckpt, args.out, args.overrides, args.config)
-    except (ConvertError, hf.HFFormatError, CheckpointError, ConfigError) as e:
-        log.error("%s: %s", args.cmd, e)
-        return 2
-    except WorkerFailed as e:
-        if e.exc_type in ("CheckpointError", "ConfigError"):
-            log.error("%s: rank %d: %s", args.cmd, e.rank, e.message)
-            return 2
-        raise
-    log.info("wrote %s", path)
-    return 0
+        log.info("wrote %s", path)
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

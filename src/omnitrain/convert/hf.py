@@ -16,12 +16,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from omnitrain.errors import UserError
+
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
-class HFFormatError(ValueError):
+class HFFormatError(UserError, ValueError):
     """An HF folder that does not fit this model; nothing was modified."""
+
+    kind = "HF folder error"
 
 
 def folder_config(folder: str | Path) -> dict:

@@ -25,7 +25,6 @@ def main(argv=None) -> int:
 
     from omnitrain.config import register_configs
     from omnitrain.data.config import quote_dataset_lists
-    from omnitrain.data.errors import DataError
 
     logging.basicConfig(level=logging.ERROR)  # errors are reported once, below
     register_configs()
@@ -42,17 +41,21 @@ def main(argv=None) -> int:
     from omnitrain.data.loader import build_dataset
     from omnitrain.data.processor import load_processor
 
-    try:
-        processor = load_processor(cfg.model)
-        from omnitrain.models.family import build_family
+    from omnitrain.errors import run_cli
+    from omnitrain.models.family import build_family
 
+    out = {}
+
+    def body():
+        processor = load_processor(cfg.model)
         dataset = build_dataset(cfg.data, build_family(cfg.model), processor)
-        report = inspect_dataset(dataset, num_workers=cfg.data.num_workers)
-    except (DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_report(report, cfg.data.cutoff_len))
-    return 1 if report["errors"] else 0
+        out["report"] = inspect_dataset(dataset, num_workers=cfg.data.num_workers)
+
+    code = run_cli(body)
+    if code:
+        return code
+    print(format_report(out["report"], cfg.data.cutoff_len))
+    return 1 if out["report"]["errors"] else 0
 
 
 if __name__ == "__main__":

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from typing import Optional
 
+from omnitrain.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """A sample (or a dataset description) that cannot be used.
 
     `str()` is a single line naming the dataset, the sample index and the file,
     so a CLI can print it instead of a traceback. `reason` is a short stable
     key used to count skips per cause.
     """
+
+    kind = "data error"
 
     def __init__(
         self,

@@ -177,6 +177,11 @@ def _spec_from_entry(name: str, entry: Dict[str, Any], dataset_dir: Path) -> Dat
 def read_records(spec: DatasetSpec) -> List[Any]:
     if not spec.file.exists():
         raise DataError("dataset file not found", dataset=spec.name, file=str(spec.file), reason="missing_file")
+    if not spec.file.is_file():
+        raise DataError(
+            "is a folder, not a json/jsonl file: point file_name in dataset_info.json at the file",
+            dataset=spec.name, file=str(spec.file), reason="missing_file",
+        )
     text = spec.file.read_text(encoding="utf-8")
     try:
         if spec.file.suffix == ".jsonl":

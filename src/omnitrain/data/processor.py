@@ -17,7 +17,9 @@ def load_processor(model_cfg: Any):
     ref = model_cfg.processor if not isinstance(model_cfg, str) else model_cfg
     folder = paths.resolve(str(ref), key="model.processor")
     if not folder.exists():
-        raise FileNotFoundError(f"model.processor={ref!r}: folder {folder} does not exist")
+        from omnitrain.config import ConfigError
+
+        raise ConfigError(f"model.processor={ref!r}: folder {folder} does not exist; give an HF processor folder or builtin:<name>")
     return AutoProcessor.from_pretrained(str(folder))
 
 

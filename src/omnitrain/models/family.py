@@ -266,6 +266,13 @@ class ModelFamily:
                 with _seeded(seed, name):
                     model._init_weights(sub)
             mod.to(device)
+        # HF ties lm_head to embed_tokens on meta; materializing them as separate
+        # prefixes gives each its own tensor: share it again where both are here
+        # (layouts that would split them are refused by check_tied_embeddings).
+        tied = getattr(model, "all_tied_weights_keys", None) or {}
+        params = dict(model.named_parameters(remove_duplicate=False))
+        if tied and not any(params[k].is_meta for pair in tied.items() for k in pair if k in params):
+            model.tie_weights()
         if self.init_from:
             from omnitrain.convert.hf import load_hf_weights
 
