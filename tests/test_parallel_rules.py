@@ -109,3 +109,9 @@ def test_modules_the_model_lacks_are_refused():
         _check("parallel.tp={speech: 2}")
     with pytest.raises(ConfigError, match=r"parallel.pp.layers.speech: model=qwen25_omni has no speech module; its modules are vision, audio, llm"):
         _check("parallel=pp2", "+parallel.pp.layers.speech=[1,1]")
+
+
+def test_fsdp_over_a_fused_qkv_tp_shard_is_refused():
+    with pytest.raises(ConfigError, match=r"parallel.dp_mode=fsdp with parallel.tp.vision=2: model=qwen25_vl's vision module fuses q\|k\|v"):
+        _check("model=qwen25_vl", "parallel=tp2", "parallel.dp=2", "parallel.dp_mode=fsdp")
+    _check("model=qwen25_vl", "parallel=tp2", "parallel.tp={vision: 1, llm: 2}", "parallel.dp=2", "parallel.dp_mode=fsdp")

@@ -32,7 +32,10 @@ def run(cfg: DictConfig) -> float:
             cfg.train.output_dir = HydraConfig.get().runtime.output_dir
     from omnitrain.console import header
 
+    from omnitrain.config import check_finetune
+
     family = build_family(cfg.model)
+    check_finetune(cfg, family)
     plans = check_layout(cfg, family)
     nprocs = world_size_for(cfg, family)
     log.info("%s", header(cfg, family, plans, nprocs))

@@ -37,9 +37,12 @@ class ModelConfig:
     transform: Any = field(default_factory=lambda: {"_target_": "omnitrain.data.sample.SampleBuilder", "_partial_": True})
     # HF folder to initialise weights from; null = random init (seeded).
     init_from: Optional[str] = None
-    # Which modules train (keys: the family's modules; unlisted ones train).
-    # A frozen module gets no optimizer state.
-    trainable: Dict[str, bool] = field(default_factory=dict)
+    # Which modules train (keys: the family's modules; unlisted ones train):
+    # per module a bool, or {train: bool, except: [patterns]} where the
+    # parameters matching an fnmatch pattern (names relative to the module,
+    # e.g. "merger.*" for vision) get the opposite. Frozen parameters get no
+    # gradients and no optimizer state.
+    trainable: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -98,6 +101,12 @@ class OptimConfig:
         default_factory=lambda: {"_target_": "omnitrain.train.optim.warmup_cosine", "warmup_steps": 5, "min_lr_ratio": 0.1}
     )
     grad_clip: float = 1.0  # 0 or less disables clipping
+    # Per module (keys: the family's modules): a multiplier of the optimizer's
+    # lr (ms-swift's vit_lr / aligner_lr), and a weight decay that replaces
+    # optim.optimizer.weight_decay. Each module's parameters form one param group.
+    # On the command line: optim.lr_mult={vision:0.1,llm:1} (or +optim.lr_mult.vision=0.1).
+    lr_mult: Any = None
+    module_weight_decay: Any = None
 
 
 @dataclass
@@ -116,6 +125,15 @@ class TrainConfig:
     keep_last: int = 2
     save_optimizer: bool = True
     resume: Optional[str] = None
+    # token_mean: sum of token losses / label tokens of the global batch;
+    # sample_mean: mean over the global batch's samples of each sample's token
+    # mean; sum: the plain sum of token losses.
+    loss: str = "token_mean"
+    # A step whose loss or grad norm is NaN/inf never updates the weights:
+    # skip (logged, counted) or stop (one-line error naming the step).
+    on_nonfinite: str = "skip"
+    # Event files in <run dir>/tensorboard from the logging rank (pip install omnitrain[tb]).
+    tensorboard: bool = False
 
 
 @dataclass
@@ -179,8 +197,28 @@ def validate(cfg) -> None:
     if "betas" in opt:
         betas = list(opt.betas)
         _need("optim.optimizer.betas", betas, len(betas) == 2 and all(0 <= float(b) < 1 for b in betas), "give two values in [0, 1)")
+    _need("train.loss", t.loss, t.loss in ("token_mean", "sample_mean", "sum"), "use token_mean, sample_mean or sum")
+    _need("train.on_nonfinite", t.on_nonfinite, t.on_nonfinite in ("skip", "stop"), "use skip or stop")
+    for key in ("lr_mult", "module_weight_decay"):
+        for m, v in (o.get(key) or {}).items():
+            ok = float(v) > 0 if key == "lr_mult" else float(v) >= 0
+            _need(f"optim.{key}.{m}", v, ok, "must be > 0 (freeze with model.trainable)" if key == "lr_mult" else "must be >= 0")
     sched = o.scheduler
     if "warmup_steps" in sched:
         _need("optim.scheduler.warmup_steps", sched.warmup_steps, int(sched.warmup_steps) >= 0, "must be >= 0")
     if "min_lr_ratio" in sched:
         _need("optim.scheduler.min_lr_ratio", sched.min_lr_ratio, 0 <= float(sched.min_lr_ratio) <= 1, "must be in [0, 1]")
+
+
+def check_finetune(cfg, family) -> None:
+    """Fine-tuning keys that name the family's modules (`optim.lr_mult`,
+    `optim.module_weight_decay`; `model.trainable` is checked by the family,
+    its `except` patterns here against the model's parameter names), before
+    any process starts."""
+    modules = family.module_names
+    for key in ("lr_mult", "module_weight_decay"):
+        unknown = sorted(set(cfg.optim.get(key) or {}) - set(modules))
+        if unknown:
+            raise ConfigError(f"optim.{key}.{unknown[0]}: unknown module; model {cfg.model.name} has {', '.join(modules)}")
+    if any(family.trainable_except.values()):
+        family.check_trainable([n for n, _ in family.build_meta().named_parameters()])

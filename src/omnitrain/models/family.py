@@ -25,6 +25,7 @@ every stage loads itself.
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 import zlib
 from contextlib import contextmanager
@@ -114,13 +115,7 @@ class ModelFamily:
         self.processor = processor  # a folder or builtin:<name> (data.load_processor)
         self.transform = transform
         self.init_from = init_from
-        trainable = dict(trainable or {})
-        unknown = sorted(set(trainable) - set(self.module_names))
-        if unknown:
-            from omnitrain.config import ConfigError
-
-            raise ConfigError(f"model.trainable.{unknown[0]}: unknown module; model {name} has {', '.join(self.module_names)}")
-        self.trainable = {m: bool(trainable.get(m, True)) for m in self.module_names}
+        self.trainable, self.trainable_except = parse_trainable(trainable, self.module_names, name)
         self.config_class = config_class or self.hf_config_class
         self.hf_config = self.make_config(self.config_class, dict(config))
 
@@ -278,12 +273,50 @@ class ModelFamily:
 
             # After the init: non-persistent buffers (rotary) come from it, weights from the folder.
             load_hf_weights(self, model, self.init_from)
-        for module in self.module_names:
-            if not self.trainable[module]:
-                for p in self.module_parameters(model, module):
-                    p.requires_grad_(False)
+        self.apply_trainable(model)
         model.train()
         return model
+
+    def relative_name(self, param_name: str) -> str:
+        """A parameter's name relative to its module's FQN prefix (`merger.mlp.0.weight`
+        for `model.visual.merger.mlp.0.weight`); a name outside every prefix stays whole."""
+        for prefix in self.spec(self.module_of(param_name)).prefixes:
+            if param_name.startswith(prefix):
+                return param_name[len(prefix) :]
+        return param_name
+
+    def _matches(self, param_name: str, pattern: str) -> bool:
+        """A pattern matches the name relative to its module's prefix, or the full name."""
+        return _matches(self.relative_name(param_name), pattern) or _matches(param_name, pattern)
+
+    def is_trainable(self, param_name: str) -> bool:
+        """`model.trainable.<module>`: the module's default, flipped for the
+        parameters an `except` pattern matches."""
+        module = self.module_of(param_name)
+        flip = any(self._matches(param_name, pat) for pat in self.trainable_except[module])
+        return self.trainable[module] != flip
+
+    def apply_trainable(self, model: nn.Module) -> None:
+        """Freeze (requires_grad=False) what `model.trainable` freezes. An
+        `except` pattern that matches no parameter of its module is a typo: refused."""
+        self.check_trainable([n for n, _ in model.named_parameters()])
+        for n, p in model.named_parameters():
+            if not self.is_trainable(n):
+                p.requires_grad_(False)
+
+    def check_trainable(self, names) -> None:
+        """Every `except` pattern matches some parameter of its module (else ConfigError)."""
+        for module, patterns in self.trainable_except.items():
+            own = [n for n in names if self.module_of(n) == module]
+            rel = [self.relative_name(n) for n in own]
+            for pat in patterns:
+                if not any(self._matches(n, pat) for n in own):
+                    from omnitrain.config import ConfigError
+
+                    raise ConfigError(
+                        f"model.trainable.{module}.except: {pat!r} matches no parameter of {module} "
+                        f"(names are relative to the module, e.g. {rel[0] if rel else '?'!r})"
+                    )
 
     def module_parameters(self, model: nn.Module, module: str):
         return [p for n, p in model.named_parameters() if self.module_of(n) == module]
@@ -399,17 +432,44 @@ class ModelFamily:
         out["h"] = h
 
     def loss(self, model: nn.Module, h: torch.Tensor, labels: torch.Tensor, num_label_tokens) -> torch.Tensor:
-        """Sum of token cross-entropies / label tokens of the whole global batch.
+        """This micro-batch's part of the global batch's loss.
 
-        Dividing by the global count (not this micro-batch's) makes the sum of
-        micro-batch losses equal the single-process loss under any layout.
+        `num_label_tokens` is the label tokens of the whole global batch (an
+        int: `token_mean`, sum of token cross-entropies / that count) or a
+        `LossNorm` (`train.loss`): `token_mean` as the int, `sum` the plain
+        sum, `sample_mean` a weight per token of 1 / (its sample's label
+        tokens x the global batch's samples with labels). Normalising by
+        global counts (not this micro-batch's) makes the sum of micro-batch
+        losses equal the single-process loss under any layout.
         """
         logits = model.lm_head(self.language_model(model).norm(h)).float()
         # HF's ForCausalLMLoss layout (all S logits, labels shifted and padded
         # with the ignore index): the same terms summed in HF's order, so the
         # loss is bitwise HF's.
-        shift = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift, ignore_index=IGNORE_INDEX, reduction="sum") / num_label_tokens
+        shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+        shift = shifted.reshape(-1)
+        logits = logits.reshape(-1, logits.shape[-1])
+        norm = num_label_tokens
+        if not isinstance(norm, LossNorm) or norm.kind == "token_mean":
+            n = norm.label_tokens if isinstance(norm, LossNorm) else norm
+            return F.cross_entropy(logits, shift, ignore_index=IGNORE_INDEX, reduction="sum") / n
+        if norm.kind == "sum":
+            return F.cross_entropy(logits, shift, ignore_index=IGNORE_INDEX, reduction="sum")
+        ce = F.cross_entropy(logits, shift, ignore_index=IGNORE_INDEX, reduction="none")
+        return (ce * self.token_weights(shifted, norm.samples).reshape(-1)).sum()
+
+    @staticmethod
+    def token_weights(shifted_labels: torch.Tensor, num_samples: int) -> torch.Tensor:
+        """`sample_mean`'s weight per (shifted) label position: 1 / (label tokens
+        of its sample x samples with labels in the global batch); 0 where ignored."""
+        mask = shifted_labels != IGNORE_INDEX
+        per_sample = mask.sum(1, keepdim=True).clamp_min(1).to(torch.float32)
+        return mask.to(torch.float32) / (per_sample * num_samples)
+
+    @staticmethod
+    def count_samples(mb: dict) -> int:
+        """Samples of a micro-batch with at least one label token (what `sample_mean` averages over)."""
+        return int(((mb["labels"][:, 1:] != IGNORE_INDEX).sum(1) > 0).sum())
 
     @staticmethod
     def count_label_tokens(mb: dict) -> int:
@@ -472,6 +532,52 @@ class ModelFamily:
             return mb
         pads = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
         return {**mb, **{k: F.pad(mb[k], (0, extra), value=v) for k, v in pads.items()}}
+
+
+@dataclass(frozen=True)
+class LossNorm:
+    """How micro-batch losses are normalised (`train.loss`), over the whole global batch."""
+
+    kind: str  # token_mean | sample_mean | sum
+    label_tokens: int  # label tokens of the global batch
+    samples: int  # samples with label tokens in the global batch
+
+
+LOSS_TYPES = ("token_mean", "sample_mean", "sum")
+
+
+def _matches(rel_name: str, pattern: str) -> bool:
+    """fnmatch on a name relative to its module; `merger` also matches everything under it."""
+    return fnmatch.fnmatchcase(rel_name, pattern) or fnmatch.fnmatchcase(rel_name, pattern + ".*")
+
+
+def parse_trainable(trainable, modules, model_name: str):
+    """`model.trainable`: per module a bool, or `{train: bool, except: [patterns]}`
+    (fnmatch patterns on parameter names relative to the module's prefix, whose
+    parameters get the opposite of `train`). Unlisted modules train.
+    Returns ({module: bool}, {module: [patterns]})."""
+    from omnitrain.config import ConfigError
+
+    trainable = dict(trainable or {})
+    unknown = sorted(set(trainable) - set(modules))
+    if unknown:
+        raise ConfigError(f"model.trainable.{unknown[0]}: unknown module; model {model_name} has {', '.join(modules)}")
+    default, patterns = {}, {}
+    for m in modules:
+        v = trainable.get(m, True)
+        if isinstance(v, Mapping):
+            bad = sorted(set(v) - {"train", "except"})
+            if bad:
+                raise ConfigError(f"model.trainable.{m}.{bad[0]}: unknown key; use train (bool) and except (list of patterns)")
+            ex = v.get("except") or []
+            if isinstance(ex, str):
+                ex = [ex]
+            default[m], patterns[m] = bool(v.get("train", True)), [str(p) for p in ex]
+        elif isinstance(v, bool) or v in (0, 1):
+            default[m], patterns[m] = bool(v), []
+        else:
+            raise ConfigError(f"model.trainable.{m}={v!r}: use true, false or {{train: bool, except: [patterns]}}")
+    return default, patterns
 
 
 @contextmanager

@@ -115,6 +115,16 @@ def check_layout(cfg, family=None) -> list[StagePlan]:
         )
     check_tp_divisible(sizes.tp, family.tp_sizes())
     check_encoder_tp(sizes)
+    if cfg.parallel.dp_mode == "fsdp":
+        # FSDP would split a fused q|k|v TP shard ([q_r|k_r|v_r]) in a way no
+        # DTensor placement describes: full views and checkpoints would be wrong.
+        fused = [m for m, t in sizes.tp.items() if t > 1 and any(st == "colwise_fused3" for _, st in family.tp_plan.get(m, ()))]
+        if fused:
+            raise ConfigError(
+                f"parallel.dp_mode=fsdp with parallel.tp.{fused[0]}={sizes.tp[fused[0]]}: model={cfg.model.name}'s {fused[0]} "
+                f"module fuses q|k|v in one projection, whose TP shard FSDP cannot shard again; set "
+                f"parallel.tp.{fused[0]}=1 or parallel.dp_mode=replicate"
+            )
     micro = fit_micro_batch(cfg, sizes)
     if micro != cfg.train.micro_batch_size:
         log.info(

@@ -39,7 +39,10 @@ class FusedColwise:
     rank 0 all of q. The parameters are DTensors placed `_StridedShard(0,
     split_factor=parts)` (full_tensor() and checkpoints see HF's layout);
     the forward multiplies the local shards. torch has no ParallelStyle for
-    it, hence this small one."""
+    it, hence this small one.
+    Not composable with FSDP (dp_mode=fsdp): FSDP's dim-0 split of a local
+    [q_r | k_r | v_r] has no DTensor placement; its steps are right, but
+    full_tensor() is in the wrong row order and DCP refuses to save it."""
 
     def __init__(self, parts: int = 3):
         self.parts = parts

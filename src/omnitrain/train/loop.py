@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,11 +20,19 @@ import torch
 from omegaconf import OmegaConf
 
 from omnitrain import device
+from omnitrain.errors import UserError
+from omnitrain.models.family import LossNorm
 from omnitrain.parallel.layout import whole_plan
 from omnitrain.train.metrics import MetricsLogger
 from omnitrain.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteError(UserError):
+    """A step's loss or grad norm is NaN or inf under train.on_nonfinite=stop."""
+
+    kind = "non-finite"
 
 
 @dataclass
@@ -57,11 +66,31 @@ class Trainer:
         self.params = [p for _, p in self.module_params]
         # [parallel hook] joins encoder features computed in parts, shards the LLM's sequence
         self.hooks = self.ctx.stage_hooks() if self.ctx is not None else None
-        self.optimizer = build_optimizer(self.params, cfg.optim.optimizer)
+        o = cfg.optim
+        lr_mult, wd = o.get("lr_mult") or {}, o.get("module_weight_decay") or {}
+        self.optimizer = build_optimizer(self.module_params, o.optimizer, lr_mult, wd, modules=self.adapter.module_names)
+        # The schedule's lr (what metrics report): a group's lr / its module's multiplier.
+        self._group_mults = [float(lr_mult.get(self._group_module(g), 1.0)) for g in self.optimizer.param_groups]
+        self.loss_type = cfg.train.get("loss", "token_mean")
+        self.on_nonfinite = cfg.train.get("on_nonfinite", "skip")
+        self.skipped_steps = 0
         self.scheduler = build_scheduler(self.optimizer, cfg.optim.scheduler, cfg.train.steps)
+        self._base_lrs = list(getattr(self.scheduler, "base_lrs", []))  # this config's lr per group
         self.dtype = {"fp32": None, "bf16": torch.bfloat16}[cfg.train.dtype]
         self.loader = None
         self.step = 0
+
+    def _group_module(self, group: dict) -> str | None:
+        ids = {id(p) for p in group["params"]}
+        return next((m for m, p in self.module_params if id(p) in ids), None)
+
+    def schedule_lr(self) -> float:
+        """The schedule's lr now (a group with multiplier 1 if any, else the first / its multiplier)."""
+        groups = self.optimizer.param_groups
+        if not groups:
+            return 0.0
+        i = next((i for i, m in enumerate(self._group_mults) if m == 1.0), 0)
+        return groups[i]["lr"] / self._group_mults[i] if self._group_mults[i] != 1.0 else groups[i]["lr"]
 
     # ---- layout -------------------------------------------------------------
     @property
@@ -118,20 +147,27 @@ class Trainer:
         if self.ctx is not None:  # [parallel hook] same encoder passes on every dp replica
             micro_batches = self.ctx.prepare_micro_batches(self.adapter, micro_batches, self.dev)
         n_label = sum(self.adapter.count_label_tokens(mb) for mb in micro_batches)
+        n_samples = sum(self.adapter.count_samples(mb) for mb in micro_batches)
         tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
         if self.ctx is not None:
-            n_label, tokens = self.ctx.dp_sum_ints(n_label, tokens)
+            n_label, tokens, n_samples = self.ctx.dp_sum_ints(n_label, tokens, n_samples)
         if n_label == 0:
             raise RuntimeError(f"step {self.step + 1}: the global batch has no label tokens; check data.train_on_prompt and the data")
+        # token_mean passes the plain count, as before: its loss stays bitwise the same.
+        norm = n_label if self.loss_type == "token_mean" else LossNorm(self.loss_type, n_label, n_samples)
         extra = {}
+        bad_mb = None  # the first micro-batch with a non-finite loss (known on a single stage)
         if self.ctx is None or self.ctx.num_stages == 1:
             loss = torch.zeros((), dtype=torch.float32)
-            for mb in micro_batches:
-                mb_loss = self.forward(mb, {}, n_label)
+            for i, mb in enumerate(micro_batches):
+                mb_loss = self.forward(mb, {}, norm)
                 mb_loss.backward()
-                loss += mb_loss.detach().float().cpu()
+                mb_loss = mb_loss.detach().float().cpu()
+                if bad_mb is None and not torch.isfinite(mb_loss):
+                    bad_mb = i
+                loss += mb_loss
         else:
-            loss, extra = self.ctx.run_pipeline(self, micro_batches, n_label)
+            loss, extra = self.ctx.run_pipeline(self, micro_batches, norm)
         if self.ctx is not None:
             self.ctx.reduce_grads(self.module_params)
             loss = self.ctx.reduce_loss(loss)
@@ -139,13 +175,52 @@ class Trainer:
             grad_norm = self.ctx.clip_grad_norm(self.module_params, self.cfg.optim.grad_clip)
         else:
             grad_norm = clip_grad_norm(self.params, self.cfg.optim.grad_clip)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
+        lr = self.schedule_lr()
+        # loss and grad norm are the same on every rank (reduced over all of
+        # them), so every rank takes the same decision: no pipeline deadlock.
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
+        if not finite:
+            self._nonfinite(float(loss), float(grad_norm), micro_batches, bad_mb)
+            extra = {**extra, "skipped": True}
+        else:
+            self.optimizer.step()
+        # The schedule follows the step count, skipped steps included (a
+        # resumed run and step k always have the same lr).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")  # a skipped first step
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         device.synchronize(self.dev)
         self.step += 1
         return StepResult(float(loss), float(grad_norm), lr, tokens, time.perf_counter() - t0, extra)
+
+    def _nonfinite(self, loss: float, grad_norm: float, micro_batches: list[dict], bad_mb) -> None:
+        step = self.step + 1
+        where = self._sample_positions(step, micro_batches, bad_mb)
+        if self.on_nonfinite == "stop":
+            raise NonFiniteError(
+                f"step {step}: loss {loss} / grad norm {grad_norm} is not finite{where}; the weights were not updated "
+                f"(train.on_nonfinite=skip skips such steps; lower optim.optimizer.lr or check the data)"
+            )
+        self.skipped_steps += 1
+        if self.is_logging_rank or bad_mb is not None:
+            log.warning(
+                "step %d: loss %s / grad norm %s is not finite%s: skipped, the weights are unchanged (%d skipped so far)",
+                step, loss, grad_norm, where, self.skipped_steps,
+            )
+
+    def _sample_positions(self, step: int, micro_batches: list[dict], bad_mb) -> str:
+        """Where the step's samples are: global sample positions [(step-1) G, step G)
+        in the loader's order, this rank's slice, and the first bad micro-batch if known."""
+        t = self.cfg.train
+        G, per_rank = t.global_batch_size, t.global_batch_size // self.dp_size
+        lo = (step - 1) * G + self.dp_rank * per_rank
+        out = f" (samples {(step - 1) * G}..{step * G - 1} of the data order"
+        if bad_mb is not None:
+            n = int(micro_batches[bad_mb]["input_ids"].shape[0])
+            a = lo + sum(int(mb["input_ids"].shape[0]) for mb in micro_batches[:bad_mb])
+            out += f"; first non-finite micro-batch {bad_mb} of dp rank {self.dp_rank}: samples {a}..{a + n - 1}"
+        return out + ")"
 
     # ---- the run ------------------------------------------------------------
     def fit(self, run_dir: str | Path) -> list[dict]:
@@ -154,7 +229,10 @@ class Trainer:
             self.build_data()
         self.maybe_resume(run_dir)
         it = iter(self.loader)
-        logger = MetricsLogger(run_dir, cfg.steps, enabled=self.is_logging_rank, progress=cfg.progress, start_step=self.step)
+        logger = MetricsLogger(
+            run_dir, cfg.steps, enabled=self.is_logging_rank, progress=cfg.progress, start_step=self.step,
+            tensorboard=bool(cfg.get("tensorboard", False)),
+        )
         peak = device.peak_flops(self.dev) * (self.ctx.world_size if self.ctx else 1)
         rows = []
         self.checkpoints_written = 0
@@ -186,6 +264,8 @@ class Trainer:
                     self.save(run_dir)
         finally:
             logger.close()
+        if self.skipped_steps and self.is_logging_rank:
+            log.warning("non-finite: %d of %d steps skipped (train.on_nonfinite=skip)", self.skipped_steps, len(rows))
         stats = getattr(self.loader, "stats", None)
         if stats is not None and self.is_logging_rank:
             s = stats()
@@ -229,6 +309,22 @@ class Trainer:
             "scheduler": OmegaConf.to_container(self.cfg.optim.scheduler, resolve=True),
         }
 
+    def _reapply_group_lrs(self) -> None:
+        """After a resume, each param group's base lr is this config's (optim.optimizer.lr
+        x optim.lr_mult of its module): a checkpoint of another layout holds another
+        rank's groups (other modules), and a changed lr or lr_mult applies at once."""
+        sched = self.scheduler
+        if not hasattr(sched, "lr_lambdas") or list(sched.base_lrs) == self._base_lrs:
+            return
+        old = list(sched.base_lrs)
+        sched.base_lrs = list(self._base_lrs)
+        for group, base, fn in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["initial_lr"] = base
+            group["lr"] = base * fn(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        if self.is_logging_rank and sorted(old) != sorted(self._base_lrs):
+            log.warning("resume: base lr per param group %s -> %s (this run's optim.optimizer.lr and optim.lr_mult)", old, self._base_lrs)
+
     def maybe_resume(self, run_dir) -> None:
         from omnitrain.train import checkpoint
 
@@ -246,6 +342,7 @@ class Trainer:
         self.step = checkpoint.load(
             path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, loader=self.loader, dev=self.dev
         )
+        self._reapply_group_lrs()
         changed = [k for k in ("steps", "scheduler") if k in saved and saved[k] != now[k]]
         if changed:
             # The restored optimizer holds the old schedule's lr: apply the new one now, not a step later.
@@ -258,7 +355,7 @@ class Trainer:
                 )
                 log.warning(
                     "resume: %s: the LR schedule is recomputed from step %d (lr now %.3g)",
-                    what, self.step, self.optimizer.param_groups[0]["lr"] if self.optimizer.param_groups else 0.0,
+                    what, self.step, self.schedule_lr(),
                 )
         if self.is_logging_rank:
             log.info("resumed from %s at step %d", path, self.step)

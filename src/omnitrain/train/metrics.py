@@ -13,14 +13,20 @@ PROGRESS_MIN_STEPS = 50
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, total_steps: int, *, enabled: bool = True, progress: bool = True, start_step: int = 0):
+    def __init__(
+        self, run_dir: str | Path, total_steps: int, *, enabled: bool = True, progress: bool = True, start_step: int = 0,
+        tensorboard: bool = False,
+    ):
         self.enabled = enabled
         self.total = total_steps
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = None
         self._bar = None
+        self._tb = None
         if not enabled:
             return
+        if tensorboard:
+            self._tb = tensorboard_writer(Path(run_dir) / "tensorboard", start_step)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         drop_rows_after(self.path, start_step)
         # Append: a resumed run continues the same file.
@@ -34,6 +40,13 @@ class MetricsLogger:
         if not self.enabled:
             return
         self._file.write(json.dumps(row, allow_nan=True) + "\n")
+        if self._tb is not None:
+            for key, v in row.items():
+                if key != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(f"train/{key}", float(v), row["step"])
+                elif isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):  # per stage
+                    for i, x in enumerate(v):
+                        self._tb.add_scalar(f"train/{key}/{i}", float(x), row["step"])
         line = format_row(row, self.total)
         if self._bar is not None:
             self._bar.write(line)
@@ -47,8 +60,22 @@ class MetricsLogger:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
         if self._file is not None:
             self._file.close()
+
+
+def tensorboard_writer(log_dir: Path, start_step: int = 0):
+    """A SummaryWriter on `log_dir`; a resumed run's writer purges events past its step."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:  # torch's writer needs the tensorboard package
+        from omnitrain.config import ConfigError
+
+        raise ConfigError(f"train.tensorboard=true needs the tensorboard package: pip install 'omnitrain[tb]' ({e})") from None
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return SummaryWriter(str(log_dir), purge_step=start_step + 1 if start_step else None)
 
 
 def drop_rows_after(path: Path, step: int) -> None:
@@ -74,6 +101,8 @@ def drop_rows_after(path: Path, step: int) -> None:
 def format_row(row: dict, total: int) -> str:
     width = len(str(total))
     parts = [f"step {row['step']:>{width}}/{total}", f"loss {row['loss']:.4f}"]
+    if row.get("skipped"):
+        parts.append("SKIPPED (non-finite)")
     if math.isfinite(row.get("grad_norm", float("nan"))):
         parts.append(f"gnorm {row['grad_norm']:.3f}")
     parts.append(f"lr {row['lr']:.2e}")

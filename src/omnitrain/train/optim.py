@@ -10,16 +10,47 @@ import torch
 import torch.distributed as dist
 
 
-def build_optimizer(params, optimizer_cfg) -> torch.optim.Optimizer:
+def build_optimizer(params, optimizer_cfg, lr_mult=None, weight_decay=None, modules=None) -> torch.optim.Optimizer:
     """The configured optimizer (`_target_`) over the trainable parameters this rank owns.
 
-    A stage whose modules are all frozen owns no trainable parameter: it gets
-    an optimizer over an empty group, whose step is a no-op, instead of failing.
+    `params`: parameters, or (module, parameter) pairs (`Trainer.module_params`):
+    then each module's trainable parameters are one param group, in `modules`
+    order, with lr = optimizer lr x `lr_mult[module]` and `weight_decay[module]`
+    where given (keys must be in `modules`, the family's modules). Frozen
+    parameters are in no group. A stage whose modules are all frozen owns no
+    trainable parameter: it gets an optimizer over an empty group, whose step
+    is a no-op, instead of failing.
     """
     from hydra.utils import instantiate
 
-    params = [p for p in params if p.requires_grad]
-    return instantiate(optimizer_cfg, [{"params": params}], _convert_="all")
+    params = list(params)
+    lr_mult, weight_decay = dict(lr_mult or {}), dict(weight_decay or {})
+    if modules is not None:
+        from omnitrain.config import ConfigError
+
+        for key, d in (("optim.lr_mult", lr_mult), ("optim.module_weight_decay", weight_decay)):
+            unknown = sorted(set(d) - set(modules))
+            if unknown:
+                raise ConfigError(f"{key}.{unknown[0]}: unknown module; the model has {', '.join(modules)}")
+    if not params or not isinstance(params[0], tuple):
+        trainable = [p for p in params if p.requires_grad]
+        return instantiate(optimizer_cfg, [{"params": trainable}], _convert_="all")
+    order = list(modules) if modules is not None else list(dict.fromkeys(m for m, _ in params))
+    lr = optimizer_cfg.get("lr") if hasattr(optimizer_cfg, "get") else None
+    groups = []
+    for m in order:
+        ps = [p for mod, p in params if mod == m and p.requires_grad]
+        if not ps:
+            continue
+        g = {"params": ps}
+        if m in lr_mult:
+            if lr is None:
+                raise ValueError(f"optim.lr_mult.{m}: the optimizer config has no lr to multiply")
+            g["lr"] = float(lr) * float(lr_mult[m])
+        if m in weight_decay:
+            g["weight_decay"] = float(weight_decay[m])
+        groups.append(g)
+    return instantiate(optimizer_cfg, groups or [{"params": []}], _convert_="all")
 
 
 def lr_lambda(step: int, *, warmup: int, total: int, min_ratio: float, kind: str) -> float:

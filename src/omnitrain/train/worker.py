@@ -4,6 +4,7 @@ than one process, build the trainer for this rank's stage, train."""
 from __future__ import annotations
 
 import logging
+import warnings
 
 from omnitrain import device, launch
 from omnitrain.train.loop import Trainer, save_resolved_config
@@ -23,8 +24,10 @@ def worker(cfg, make_loader=None, on_end=None) -> list[dict]:
         launch.init_distributed(device.detect(cfg.train.device), timeout_s=cfg.parallel.timeout_s)
         ctx = ParallelContext.build(cfg, family)
         if not ctx.is_logging_rank:
-            # Every rank runs the same set-up: let one of them say it.
+            # Every rank runs the same set-up: let one of them say it (log
+            # lines and Python warnings alike; errors still come from any rank).
             logging.getLogger().setLevel(logging.WARNING)
+            warnings.filterwarnings("ignore")
     try:
         trainer = Trainer(cfg, family, dist_ctx=ctx)
         if make_loader is not None:
