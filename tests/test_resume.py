@@ -179,7 +179,10 @@ def _start(out, overrides, kill_in_save_of=None):
         f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_resume as t; "
         f"t._train_child({str(out)!r}, {list(overrides)!r}, {kill_in_save_of!r})"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The same intra-op threads as the reference run in this process: another
+    # count sums matmul blocks in another order, and the resumed steps would
+    # differ from the reference in the last bit.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
