@@ -64,6 +64,18 @@ def test_resume_with_another_global_batch_is_refused_in_one_line(tmp_path):
         r = _omnitrain([*QUICK, *layout, "train.global_batch_size=4", "train.steps=3", f"train.resume={run}",
                         f"train.output_dir={tmp_path}/again", f"hydra.run.dir={tmp_path}/h2"], tmp_path)
         _one_line_error(r, "train.global_batch_size=2", "set train.global_batch_size=2")
+    # a checkpoint that does not fit the model (one LLM layer more)
+    r = _omnitrain([*QUICK, "model.config.text_config.num_hidden_layers=5", f"train.resume={run}",
+                    f"train.output_dir={tmp_path}/deeper", f"hydra.run.dir={tmp_path}/h3"], tmp_path)
+    _one_line_error(r, "checkpoint error", "missing")
+
+
+def test_help_lists_the_user_facing_groups(tmp_path):
+    r = _omnitrain(["--help"], tmp_path, timeout=60)
+    assert r.returncode == 0
+    for word in ("model:", "parallel:", "data:", "qwen25_vl", "vl7b_pp4", "demo_vl", "docs/ADDING_A_MODEL.md"):
+        assert word in r.stdout, word
+    assert "schema" not in r.stdout
 
 
 def test_resume_with_more_steps_warns_and_keeps_each_step_once(tmp_path):
