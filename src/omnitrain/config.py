@@ -50,7 +50,9 @@ class PPConfig:
     size: int = 1
     schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b
     # One list per module, one entry per stage; null = everything on one stage.
-    layers: Optional[Dict[str, List[int]]] = None
+    # Typed Any: OmegaConf cannot merge `parallel.pp.layers={...}` into a null
+    # typed dict node; validate_layout checks the lists instead.
+    layers: Any = None
     virtual_stages: int = 1
 
 

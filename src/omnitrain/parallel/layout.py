@@ -134,7 +134,10 @@ def _normalise(layers: Mapping[str, list[int]], depths: Mapping[str, int], n: in
                     f"give a list of {what} entries summing to {depth}"
                 )
             counts = [0] * n
-        counts = [int(c) for c in counts]
+        try:
+            counts = [int(c) for c in counts]
+        except (TypeError, ValueError):
+            raise ConfigError(f"{_KEY}.{mod}={counts!r}: give a list of layer counts, one per stage") from None
         if len(counts) != n:
             raise ConfigError(
                 f"{_KEY}.{mod} has {len(counts)} entries, need {what}: one per stage"
