@@ -69,10 +69,10 @@ def layer_params(family, model: nn.Module) -> dict[str, list[int]]:
     return {m: [s[i] for i in sorted(s)] for m, s in sizes.items()}
 
 
-def _owner(family, name: str) -> tuple[str, str, int | None]:
+def _owner(family, name: str, rx: Mapping[str, re.Pattern]) -> tuple[str, str, int | None]:
     """Which segment owns a parameter: (module, "layers" | "pre" | "post" | "shared", layer index)."""
     for spec in family.modules:
-        m = _layer_re(family)[spec.name].match(name)
+        m = rx[spec.name].match(name)
         if m:
             return spec.name, "layers", int(m.group(1))
         for part in ("pre", "post", "shared"):
@@ -99,8 +99,9 @@ def stage_params(family, model: nn.Module, plans: Iterable) -> list[int]:
     """
     plans = list(plans)
     out = [0] * len(plans)
+    rx = _layer_re(family)
     for name, p in model.named_parameters(remove_duplicate=False):
-        owner = _owner(family, name)
+        owner = _owner(family, name, rx)
         for s, plan in enumerate(plans):
             if _owns(plan, *owner):
                 out[s] += p.numel()
@@ -116,8 +117,9 @@ def rank_params(family, model: nn.Module, plans: Iterable, tp: Mapping[str, int]
 
     plans = list(plans)
     out = [0] * len(plans)
+    rx = _layer_re(family)
     for name, p in model.named_parameters(remove_duplicate=False):
-        owner = _owner(family, name)
+        owner = _owner(family, name, rx)
         module = owner[0]
         fqn, _, leaf = name.rpartition(".")
         sharded = any(_matches(pat, fqn) for pat, _ in family.tp_plan.get(module, ()))
