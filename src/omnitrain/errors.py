@@ -27,7 +27,8 @@ class UserError(Exception):
 # name, which the parent may not have imported yet.
 _DEFINED_IN = (
     "omnitrain.config", "omnitrain.data.errors", "omnitrain.train.checkpoint", "omnitrain.convert.hf",
-    "omnitrain.convert.__main__", "omnitrain.launch", "omnitrain.train.loop",
+    "omnitrain.convert.__main__", "omnitrain.launch", "omnitrain.train.loop", "omnitrain.generate.load",
+    "omnitrain.eval.bench",
 )
 
 

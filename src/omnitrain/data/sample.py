@@ -130,6 +130,19 @@ class SampleBuilder:
         except DataError as e:
             raise e.at(ex.dataset, ex.index) from None
 
+    def prompt(self, ex: Example, dataset_uiv: Optional[bool] = None) -> Dict[str, Any]:
+        """The processed prompt for generation: `ex` ends with a user turn, an
+        open assistant turn follows; the same media and template path as
+        training, nothing labelled. A prompt over cutoff_len is an error (a
+        prompt is never cut)."""
+        if not ex.turns or ex.turns[-1][0] != "user":
+            raise DataError("a prompt must end with a user turn", reason="bad_turns").at(ex.dataset, ex.index)
+        try:
+            with one_thread():
+                return self._build(ex, dataset_uiv, generation=True)
+        except DataError as e:
+            raise e.at(ex.dataset, ex.index) from None
+
     def resolve_uiv(self, ex: Example, dataset_uiv: Optional[bool]) -> bool:
         """Sample field > dataset_info entry > data.use_audio_in_video."""
         for v in (ex.use_audio_in_video, dataset_uiv):
@@ -156,7 +169,7 @@ class SampleBuilder:
                 reason="unsupported_media",
             )
 
-    def _build(self, ex: Example, dataset_uiv: Optional[bool]) -> Dict[str, Any]:
+    def _build(self, ex: Example, dataset_uiv: Optional[bool], generation: bool = False) -> Dict[str, Any]:
         uiv = self.resolve_uiv(ex, dataset_uiv) and bool(ex.videos)
         self._check_media(ex, uiv)
         refs = plan_media(ex.turns, uiv)
@@ -178,10 +191,20 @@ class SampleBuilder:
             self.chat.default_system if system is None else system,
             acc.placeholder_ids,
             self._encode,
-            train_on_prompt=self.s.train_on_prompt,
+            train_on_prompt=self.s.train_on_prompt and not generation,
             mask_history=self.s.mask_history,
+            add_generation_prompt=generation,
         )
-        input_ids, labels = self._fit(input_ids, labels, spans, ex)
+        if generation:
+            if len(input_ids) > self.s.cutoff_len:
+                raise DataError(
+                    f"the prompt needs {len(input_ids)} tokens, over cutoff_len={self.s.cutoff_len}; raise cutoff_len "
+                    "or lower the media resolution (a prompt is never cut)",
+                    file=(ex.images + ex.videos + ex.audios or [None])[0],
+                    reason="too_long",
+                )
+        else:
+            input_ids, labels = self._fit(input_ids, labels, spans, ex)
 
         out: Dict[str, Any] = {
             "input_ids": torch.tensor(input_ids, dtype=torch.long),

@@ -65,10 +65,14 @@ def render(
     *,
     train_on_prompt: bool = False,
     mask_history: bool = False,
+    add_generation_prompt: bool = False,
 ) -> Tuple[List[int], List[int], List[Tuple[int, int]]]:
     """Conversation -> (input_ids, labels, media spans [start, end)).
 
-    `placeholder_ids[i]` replaces the i-th placeholder occurrence.
+    `placeholder_ids[i]` replaces the i-th placeholder occurrence. With
+    `add_generation_prompt` the conversation ends with a user turn and an
+    open assistant turn (`<|im_start|>assistant\\n`) follows, as HF chat
+    templates do for generation; nothing is labelled then.
     """
     pieces: List[Tuple[str, object, bool]] = []  # ("text", str, labelled) | ("media", ids, False)
 
@@ -79,7 +83,7 @@ def render(
             pieces.append(("text", s, labelled))
 
     occurrence = iter(placeholder_ids)
-    last_answer = max(j for j, (role, _) in enumerate(turns) if role == "assistant")
+    last_answer = max((j for j, (role, _) in enumerate(turns) if role == "assistant"), default=-1)
     if system:
         text(f"<|im_start|>system\n{system}<|im_end|>\n", train_on_prompt)
     for j, (role, content) in enumerate(turns):
@@ -96,6 +100,8 @@ def render(
                     pieces.append(("media", ids, False))
         text("<|im_end|>", labelled)
         text("\n", train_on_prompt)
+    if add_generation_prompt:
+        text("<|im_start|>assistant\n", False)
 
     input_ids: List[int] = []
     labels: List[int] = []

@@ -476,6 +476,13 @@ class ModelFamily:
         """Tokens the loss counts in a micro-batch (labels shifted by one, as in `loss`)."""
         return int((mb["labels"][:, 1:] != IGNORE_INDEX).sum())
 
+    # ---- the HF model's own forward / generate -----------------------------
+    def hf_inputs(self, mb: dict) -> dict:
+        """A collated micro-batch as keyword arguments of `hf_class`'s forward
+        and `generate` (the collator's keys named as HF names them, labels
+        left out), so the plain HF model runs on what training runs on."""
+        return {k: v for k, v in mb.items() if k not in ("labels", "use_audio_in_video") and not k.startswith("_")}
+
     # ---- micro-batch bookkeeping [parallel hooks] --------------------------
     def media_keys(self, module: str) -> tuple[str, ...]:
         """Micro-batch keys an encoder reads."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from omnitrain.models.family import ChatSpec, ModuleSpec
+from omnitrain.models.family import ChatSpec, ModelFamily, ModuleSpec
 from omnitrain.models.qwen2_vl.family import LLM, LLM_TP_PLAN, VISION
 from omnitrain.models.qwen25_omni.template import interleave_video_audio
 from omnitrain.models.qwen25_vl.family import Qwen25VL
@@ -133,6 +133,17 @@ class Qwen25OmniThinker(Qwen25VL):
             return super().dummy_media(kind)
         n = 4
         return {"input_features": torch.zeros(1, self.hf_config.audio_config.num_mel_bins, n), "feature_attention_mask": torch.ones(1, n, dtype=torch.long)}
+
+    def hf_inputs(self, mb: dict) -> dict:
+        # The thinker's HF forward takes one use_audio_in_video for the batch
+        # (and no mm_token_type_ids): a batch mixing both cannot be run there.
+        out = ModelFamily.hf_inputs(self, mb)
+        flags = mb.get("use_audio_in_video")
+        if flags is not None and flags.numel():
+            if bool(flags.any()) != bool(flags.all()):
+                raise ValueError("samples with and without use_audio_in_video in one batch: the HF model takes one flag per batch")
+            out["use_audio_in_video"] = bool(flags.all())
+        return out
 
     # ---- positions ----------------------------------------------------------
     def rope_positions(self, model, mb) -> torch.Tensor:

@@ -61,6 +61,12 @@ class Qwen25VL(Qwen2VL):
         else:
             out[f"{kind}_h"] = h
 
+    def hf_inputs(self, mb: dict) -> dict:
+        out = super().hf_inputs(mb)
+        if "video_second_per_grid" in mb:
+            out["second_per_grid_ts"] = mb["video_second_per_grid"]  # HF's name for the videos' timing
+        return out
+
     def rope_positions(self, model, mb) -> torch.Tensor:
         g = self.real_grids(mb)
         pos, _ = model.model.get_rope_index(

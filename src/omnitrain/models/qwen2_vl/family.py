@@ -135,6 +135,12 @@ class Qwen2VL(ModelFamily):
         types[ids == self.token_id("video")] = 2
         return types
 
+    def hf_inputs(self, mb: dict) -> dict:
+        # transformers 5 places vision tokens in the 3-D rope by mm_token_type_ids.
+        out = {k: v for k, v in super().hf_inputs(mb).items() if k != "video_second_per_grid"}
+        out["mm_token_type_ids"] = self.mm_token_types(mb)
+        return out
+
     def real_grids(self, mb: dict) -> dict:
         """Grids (and timings) of real media: a dummy item has no tokens to place."""
         dummy = mb.get("_dummy", ())  # [parallel hook] see dummy_media
