@@ -20,7 +20,7 @@ import torch
 
 from omnitrain.generate.load import Loaded, ModelNotFound, load
 
-__all__ = ["GenOptions", "Loaded", "ModelNotFound", "generate_batch", "load", "plan_batches", "predict"]
+__all__ = ["GenOptions", "Loaded", "ModelNotFound", "generate_batch", "load", "plan_batches", "predict", "prompt_example"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,32 @@ class GenOptions:
     top_k: int = 50
     num_beams: int = 1
     seed: int = 0
+
+
+def prompt_example(text: str, images=(), videos=(), audios=(), system=None, use_audio_in_video=None, *, dataset="prompt", index=0, base=None):
+    """A one-turn `Example` ending with the user's `text`, checked as a data
+    sample is (files exist, placeholders match); media without placeholders in
+    the text are put before it (one `<image>` etc. per file). Relative paths
+    are under `base` (default: the working directory)."""
+    from omnitrain.data.formats import PLACEHOLDERS, DatasetSpec, parse_record
+
+    lead = ""
+    for kind, files in (("image", images), ("video", videos), ("audio", audios)):
+        if files and PLACEHOLDERS[kind] not in text:
+            lead += PLACEHOLDERS[kind] * len(files)
+    record = {
+        "messages": [{"role": "user", "content": lead + text}, {"role": "assistant", "content": ""}],
+        "images": list(images), "videos": list(videos), "audios": list(audios),
+    }
+    if use_audio_in_video is not None:
+        record["use_audio_in_video"] = use_audio_in_video
+    from pathlib import Path
+
+    ex = parse_record(DatasetSpec(name=dataset, file=Path(base or Path.cwd()) / dataset, formatting="sharegpt"), index, record)
+    ex.turns = ex.turns[:-1]
+    if system is not None:
+        ex.system = system
+    return ex
 
 
 def generation_config(loaded: Loaded, opts: GenOptions):

@@ -20,31 +20,9 @@ import sys
 from pathlib import Path
 from typing import List
 
-from omnitrain.generate import cli
+from omnitrain.generate import cli, prompt_example
 
 log = logging.getLogger("omnitrain.generate")
-
-
-def prompt_example(text: str, images=(), videos=(), audios=(), system=None, use_audio_in_video=None):
-    """A one-turn `Example` from the command line; media without placeholders
-    in the text are put before it (one `<image>` etc. per file)."""
-    from omnitrain.data.formats import PLACEHOLDERS, DatasetSpec, parse_record
-
-    lead = ""
-    for kind, files in (("image", images), ("video", videos), ("audio", audios)):
-        if files and PLACEHOLDERS[kind] not in text:
-            lead += PLACEHOLDERS[kind] * len(files)
-    record = {
-        "messages": [{"role": "user", "content": lead + text}, {"role": "assistant", "content": ""}],
-        "images": list(images), "videos": list(videos), "audios": list(audios),
-    }
-    if use_audio_in_video is not None:
-        record["use_audio_in_video"] = use_audio_in_video
-    ex = parse_record(DatasetSpec(name="prompt", file=Path.cwd() / "prompt", formatting="sharegpt"), 0, record)
-    ex.turns = ex.turns[:-1]
-    if system is not None:
-        ex.system = system
-    return ex
 
 
 def data_examples(file: str, max_samples=None):
