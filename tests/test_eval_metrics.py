@@ -127,8 +127,8 @@ def test_fixtures_read_as_the_benchmarks_ship():
     )
     assert prompt_text(chart[0], BENCHMARKS["chartqa"]).endswith("\nAnswer the question using a single word or phrase.")
     # scores per item and the summary (mean; per category where the file has one)
-    s = [score(ai2d[0], "A"), score(ai2d[1], "B"), score(ai2d[2], "The answer is B")]
-    assert s == [{"score": 1.0, "choice": "A"}, {"score": 0.0, "choice": "B"}, {"score": 1.0, "choice": "B"}]
+    s = [score(ai2d[0], "C"), score(ai2d[1], "B"), score(ai2d[2], "The answer is B")]
+    assert s == [{"score": 1.0, "choice": "C"}, {"score": 0.0, "choice": "B"}, {"score": 1.0, "choice": "B"}]
     rows = summarize(ai2d, [x["score"] for x in s])
     assert rows[0] == {"bench": "ai2d", "category": "all", "metric": "accuracy", "n": 3, "score": pytest.approx(2 / 3)}
     assert {r["category"]: r["score"] for r in rows[1:]} == {"colours": 1.0, "life cycles": 0.0}

@@ -36,7 +36,7 @@ def write(name, columns, rows):
 
 # AI2D_TEST: 4 options (one question with 3: D empty); row 3 stores its image as row 1's index.
 write("ai2d.tsv", ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"], [
-    [0, "What colour is the box?", "", "red", "blue", "green", "black", "A", "colours", png("red")],
+    [0, "What colour is the box?", "", "blue", "green", "red", "black", "C", "colours", png("red")],
     [1, "Which stage comes first?", "A life cycle.", "egg", "larva", "adult", "", "A", "life cycles", png("green", "bars")],
     [2, "What shape is drawn?", "", "circle", "square", "line", "none", "B", "colours", "0"],
 ])
@@ -56,4 +56,5 @@ write("chartqa.tsv", ["index", "question", "answer", "split", "image"], [
 write("docvqa.tsv", ["index", "question", "answer", "image"], [
     [0, "What is the title?", repr(["Invoice", "invoice no. 1"]), png("black", "Invoice")],
     [1, "What is the date?", repr(["1 May"]), png("black", "1 May")],
+    [2, "What code is printed?", repr(["C%0", "C-0"]), png("black", "C%0")],
 ])
