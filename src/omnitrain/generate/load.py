@@ -87,7 +87,7 @@ def data_settings(family, run_data=None, options: Sequence[str] = ()):
     try:
         cfg = OmegaConf.structured(DataConfig)
         if run_data is not None:
-            known = {k: v for k, v in OmegaConf.to_container(run_data).items() if k in cfg}
+            known = {k: v for k, v in OmegaConf.to_container(run_data, resolve=True).items() if k in cfg}
             cfg = OmegaConf.merge(cfg, known)
         bad = [o for o in options if "=" not in o]
         if bad:
