@@ -123,8 +123,8 @@ def read_tsv(path: str, bench: Benchmark, limit: Optional[int] = None) -> List[I
         rows = list(reader)
     if not rows:
         raise EvalError(f"{file}: no rows")
+    by_index = {str(r["index"]).strip(): r for r in rows}  # before --limit: a kept row may point at a later one
     rows = rows[:limit] if limit else rows
-    by_index = {str(r["index"]).strip(): r for r in rows}
     items = []
     for i, r in enumerate(rows):
         where = f"{file} row {i + 1} (index {r['index']})"
