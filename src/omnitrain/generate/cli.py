@@ -12,7 +12,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--processor", help="processor folder or builtin:<name> (default: the run's model.processor, or the HF folder's)")
     p.add_argument("--config", help="the run's config.yaml (default: next to the checkpoint)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "npu"), default="auto")
+    from omnitrain import device
+
+    p.add_argument("--device", choices=("auto", *device._BACKENDS), default="auto", help="auto: the accelerator there is, else the CPU")
     p.add_argument("-o", "--data-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a data setting for building prompts (data group keys: image_max_pixels, video_fps, cutoff_len, system, ...); repeatable")
     g = p.add_argument_group("generation (transformers' generate)")
