@@ -185,3 +185,31 @@ def test_batches_are_cut_first_then_dealt_to_ranks():
     r0, r1 = plan_batches(7, 2, 0, 2), plan_batches(7, 2, 1, 2)
     assert r0 == [(0, [0, 1]), (2, [4, 5])] and r1 == [(1, [2, 3]), (3, [6])]
     assert plan_batches(1, 4, 1, 2) == []  # a rank with nothing to do still joins the gather
+
+
+def test_hf_inputs_name_the_batch_as_each_hf_class_does():
+    import torch
+
+    import _synth
+    from conftest import compose_cfg
+    from omnitrain.generate import left_pad
+    from omnitrain.models.family import build_family
+
+    vl = build_family(compose_cfg(["model=qwen25_vl"]).model)
+    mb = _synth.collate(_synth.samples(3, kinds=_synth.KINDS_VL))
+    kw = vl.hf_inputs(mb)
+    assert "labels" not in kw and "video_second_per_grid" not in kw and "use_audio_in_video" not in kw
+    assert torch.equal(kw["mm_token_type_ids"], vl.mm_token_types(mb)) and "pixel_values" in kw
+    omni = build_family(compose_cfg([]).model)
+    mb = _synth.collate(_synth.samples(2))
+    assert omni.hf_inputs(mb)["use_audio_in_video"] is False and "mm_token_type_ids" not in omni.hf_inputs(mb)
+    mixed = {**mb, "use_audio_in_video": torch.tensor([True, False])}
+    with pytest.raises(ValueError, match="one flag per batch"):
+        omni.hf_inputs(mixed)
+    # left padding moves each row's tokens to the right end, media untouched
+    padded = left_pad(mb, 0)
+    n = mb["attention_mask"].sum(1)
+    for b in range(2):
+        assert padded["input_ids"][b, -int(n[b]):].tolist() == mb["input_ids"][b, : int(n[b])].tolist()
+        assert padded["attention_mask"][b].sum() == n[b] and padded["attention_mask"][b, -1] == 1
+    assert "labels" not in padded and torch.equal(padded["input_features"], mb["input_features"])
