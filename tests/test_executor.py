@@ -86,6 +86,10 @@ class ToyStage:
             x = block(k, self.model, x, self.data[mb], self.m)
         return x
 
+    def parameters(self):  # what W (split backward) computes grads for
+        names = {n for k in self.blocks for n in BLOCK_PARAMS[k]}
+        return [p for n, p in self.model.named_parameters() if n.split(".")[0] in names]
+
 
 def reference(m: int):
     model, data = make_model(), make_data(m)
@@ -132,8 +136,9 @@ def _close(a, b):
 
 RUNS = {
     1: [("interleaved_1f1b", 4, 4)],  # four virtual stages on one rank: local hand-over
-    2: [(n, m, 1) for n in ("gpipe", "1f1b") for m in range(4, 9)] + [("interleaved_1f1b", m, 2) for m in (4, 5)],
-    4: [(n, m, 1) for n in ("gpipe", "1f1b") for m in range(4, 9)],
+    2: [(n, m, 1) for n in ("gpipe", "1f1b") for m in range(4, 9)] + [("interleaved_1f1b", m, 2) for m in (4, 5)]
+    + [("zero_bubble", m, 1) for m in (2, 5, 8)],
+    4: [(n, m, 1) for n in ("gpipe", "1f1b") for m in range(4, 9)] + [("zero_bubble", m, 1) for m in (4, 7)],
 }
 
 

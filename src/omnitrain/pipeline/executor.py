@@ -18,6 +18,18 @@ Received floating tensors require grad iff they did on the sender; backward
 sends back the grads of exactly those (zeros where the stage did not use one).
 The last stage's loss must already be scaled for the step (e.g. divided by the
 global label-token count): the executor sums nothing and scales nothing.
+
+Split backward (zero-bubble schedules, actions "B" then "W"): B runs autograd
+from the stage's outputs to its received inputs only (`inputs=`, graph
+retained) and sends those grads back at once; W later runs it to the
+stage's parameters (`stage.parameters()`), accumulating into `.grad` like a
+plain backward, and frees the graph. Grads end as with one backward (the
+parity tests check it); FSDP's per-unit reduce-scatter hooks assume one
+backward per forward, so layouts reject zero_bubble with dp_mode=fsdp. W
+walks the graph again from the outputs, so it repeats the input-grad chain
+(B's work) on top of the weight grads: the schedule trades that compute for
+the bubble (torch.distributed.pipelining instead restarts W from the nodes
+where input and weight paths split).
 """
 
 from __future__ import annotations
@@ -40,12 +52,15 @@ ACT, GRAD = 0, 1  # bundle kinds, first word of the p2p key
 class Stage(Protocol):
     def forward(self, mb: int, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | torch.Tensor: ...
 
+    # Needed only by schedules with W actions: the parameters whose grads W computes.
+    # def parameters(self) -> Iterable[torch.Tensor]: ...
+
 
 @dataclass
 class PipelineResult:
     losses: list[torch.Tensor]  # detached, one per micro-batch, on the rank with the last stage; else []
     forward_s: dict[int, float]  # per stage on this rank
-    backward_s: dict[int, float]
+    backward_s: dict[int, float]  # B and W together
     idle_s: float  # step wall time not spent in forward/backward: waiting (bubble) + communication
     total_s: float
     timeline: list[tuple[float, float, Action]] = field(default_factory=list)  # (start, end) from step start
@@ -129,7 +144,7 @@ class _Mailbox:
 def _expected(actions: Sequence[Action], num_stages: int, prev_rank, next_rank, me: int) -> dict[int, int]:
     """Bundles this rank receives from each peer in one step (implied by its actions)."""
     count: dict[int, int] = {}
-    for a in actions:
+    for a in actions:  # W receives nothing
         if a.op == "F" and a.stage > 0:
             count[prev_rank] = count.get(prev_rank, 0) + 1
         elif a.op == "B" and a.stage < num_stages - 1:
@@ -138,16 +153,31 @@ def _expected(actions: Sequence[Action], num_stages: int, prev_rank, next_rank, 
     return count
 
 
-def _backward(outputs: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> None:
+def _autograd_roots(out, grads: dict[str, torch.Tensor] | None) -> tuple[list, list | None]:
+    """What a stage's backward starts from: the loss, or the sent outputs with the grads that came back."""
+    if grads is None:  # last stage: a scalar loss
+        return ([out], None) if out.requires_grad else ([], None)
     tensors, grad_tensors = [], []
     for name, g in grads.items():
-        t = outputs.get(name)
+        t = out.get(name)
         if t is None or not t.requires_grad:
             raise RuntimeError(f"pipeline: got a grad for {name!r}, which this stage did not send as needing grad")
         tensors.append(t)
         grad_tensors.append(g)
-    if tensors:
-        torch.autograd.backward(tensors, grad_tensors)
+    return tensors, grad_tensors
+
+
+def _backward(out, grads, *, inputs=None, retain_graph: bool = False) -> None:
+    """Backward from the stage's roots; `inputs` limits which leaves get .grad (split backward)."""
+    tensors, grad_tensors = _autograd_roots(out, grads)
+    if not tensors or (inputs is not None and not inputs):
+        return
+    torch.autograd.backward(tensors, grad_tensors, retain_graph=retain_graph, inputs=inputs)
+
+
+def _input_grads(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Grads of the inputs the sender marked as needing grad, in its order; an unused one gets zeros."""
+    return {k: v.grad if v.grad is not None else torch.zeros_like(v) for k, v in inputs.items() if v.requires_grad}
 
 
 def run_pipeline(
@@ -191,9 +221,19 @@ def run_pipeline(
     timeline = []
     t_start = time.perf_counter()
 
+    split = any(a.op == "W" for a in actions)
+    params = {}
+    if split:  # leaves W computes grads for (trainable ones: frozen ones are not asked for)
+        for st, obj in stages.items():
+            if not hasattr(obj, "parameters"):
+                raise TypeError(f"pipeline: stage {st} has no parameters(), which a split-backward schedule needs")
+            params[st] = [p for p in obj.parameters() if p.requires_grad]
+    pending_w: dict[tuple[int, int], tuple[object, dict | None]] = {}  # (mb, stage) -> (outputs, their grads)
+
     for a in actions:
         s, mb = a.stage, a.mb
         first, last = s == 0, s == num_stages - 1
+        # Each branch: receive, compute between t0 and t1 (the timed part), send.
         if a.op == "F":
             inputs = {} if first else box.recv(prev_rank, (ACT, mb, s))
             t0 = time.perf_counter()
@@ -211,33 +251,39 @@ def run_pipeline(
                     raise TypeError(f"pipeline: stage {s} must return a dict of tensors, got {type(out).__name__}")
                 box.send(dict(out), next_rank, (ACT, mb, s + 1))
             saved[(mb, s)] = (inputs, out)
-        else:
+        elif a.op == "B":
             inputs, out = saved.pop((mb, s))
             grads = None if last else box.recv(next_rank, (GRAD, mb, s))
             t0 = time.perf_counter()
-            if last:
-                if out.requires_grad:
-                    torch.autograd.backward(out)
+            if split:  # input grads only; the graph stays for W
+                _backward(out, grads, inputs=[v for v in inputs.values() if v.requires_grad], retain_graph=True)
+                pending_w[(mb, s)] = (out, grads)
             else:
                 _backward(out, grads)
             t1 = time.perf_counter()
             bwd_s[s] += t1 - t0
             if not first:
-                # Inputs the sender marked as needing grad, in its order; an unused one gets zeros.
-                back = {
-                    k: v.grad if v.grad is not None else torch.zeros_like(v)
-                    for k, v in inputs.items()
-                    if v.requires_grad
-                }
+                back = _input_grads(inputs)
                 box.send(back, prev_rank, (GRAD, mb, s - 1))
                 del back
-            del inputs, out, grads  # free this micro-batch's activations now
+            del inputs, out, grads  # free this micro-batch's activations now (split: those W does not need)
+        elif a.op == "W":
+            if (mb, s) not in pending_w:
+                raise RuntimeError(f"pipeline: {a} runs before its B")
+            out, grads = pending_w.pop((mb, s))
+            t0 = time.perf_counter()
+            _backward(out, grads, inputs=params[s])
+            t1 = time.perf_counter()
+            bwd_s[s] += t1 - t0
+            del out, grads
+        else:
+            raise ValueError(f"pipeline: unknown action {a}")
         timeline.append((t0 - t_start, t1 - t_start, a))
 
     box.finish()
     total = time.perf_counter() - t_start
-    if saved:
-        raise RuntimeError(f"pipeline: forwards without a backward: {sorted(saved)}")
+    if saved or pending_w:
+        raise RuntimeError(f"pipeline: forwards without a backward: {sorted(saved)}, without W: {sorted(pending_w)}")
     busy = sum(fwd_s.values()) + sum(bwd_s.values())
     return PipelineResult(
         losses=[losses[i] for i in sorted(losses)] if losses else [],
