@@ -23,7 +23,8 @@ Split backward (zero-bubble schedules, actions "B" then "W"): B runs autograd
 from the stage's outputs to its received inputs only (`inputs=`, graph
 retained) and sends those grads back at once; W later runs it to the
 stage's parameters (`stage.parameters()`), accumulating into `.grad` like a
-plain backward, and frees the graph. Grads end as with one backward (the
+plain backward, and frees the graph (the first stage sends no input grads:
+its B is empty and its W the plain backward). Grads end as with one backward (the
 parity tests check it); FSDP's per-unit reduce-scatter hooks assume one
 backward per forward, so layouts reject zero_bubble with dp_mode=fsdp. W
 walks the graph again from the outputs, so it repeats the input-grad chain
@@ -272,7 +273,8 @@ def run_pipeline(
                 raise RuntimeError(f"pipeline: {a} runs before its B")
             out, grads = pending_w.pop((mb, s))
             t0 = time.perf_counter()
-            _backward(out, grads, inputs=params[s])
+            # The first stage's B had nothing to send: W is its whole backward.
+            _backward(out, grads, inputs=None if first else params[s])
             t1 = time.perf_counter()
             bwd_s[s] += t1 - t0
             del out, grads

@@ -264,7 +264,7 @@ def simulate(
     fwd: float | Sequence[float] = 1.0,
     bwd: float | Sequence[float] = 2.0,
     latency: float = 0.0,
-    weight_share: float = 0.5,
+    weight_share: float | Sequence[float] = 0.5,
 ) -> SimResult:
     """Replay `schedule` with per-stage forward/backward costs; raise DeadlockError if it hangs.
 
@@ -278,7 +278,8 @@ def simulate(
     f = [fwd] * n if isinstance(fwd, (int, float)) else list(fwd)
     b = [bwd] * n if isinstance(bwd, (int, float)) else list(bwd)
     split = schedule.splits_backward
-    w = [x * weight_share for x in b] if split else [0.0] * n
+    share = [weight_share] * n if isinstance(weight_share, (int, float)) else list(weight_share)
+    w = [x * y for x, y in zip(b, share)] if split else [0.0] * n
     b = [x - y for x, y in zip(b, w)]
     cost = {"F": f, "B": b, "W": w}
     release = "W" if split else "B"  # the action after which a micro-batch's activations are freed
