@@ -77,7 +77,8 @@ class SleepModule(nn.Module):
     def forward(self, x):
         if self.first:  # a stage of several layers computes activation grads inside it: both halves, like every stage
             x = x.detach().requires_grad_(True)
-        return _SleepLinear.apply(x, self.w, self.fwd_s, self.bwd_s)
+        # (x * 1, w * 1): autograd.grad (torch's split backward) cannot ask the engine about leaves
+        return _SleepLinear.apply(x * 1.0, self.w * 1.0, self.fwd_s, self.bwd_s)
 
 
 class SleepStage:

@@ -168,6 +168,40 @@ def peak_flops(dev: torch.device | DeviceInfo) -> float:
     return 0.0
 
 
+def has_streams(dev: torch.device | DeviceInfo) -> bool:
+    """Whether work on the device runs on streams, so communication issued on a
+    side stream overlaps compute (cuda, npu); CPU ops run inline."""
+    mod = _module(dev)
+    return mod is not None and hasattr(mod, "Stream")
+
+
+_COMM_STREAMS: dict[tuple[str, int], object] = {}
+
+
+def _index(dev: torch.device) -> int:
+    return dev.index if dev.index is not None else _module(dev).current_device()
+
+
+def comm_stream(dev: torch.device):
+    """The side stream pipeline p2p runs on (one per device, made once); None without streams."""
+    if not has_streams(dev):
+        return None
+    key = (dev.type, _index(dev))
+    if key not in _COMM_STREAMS:
+        _COMM_STREAMS[key] = _module(dev).Stream(device=torch.device(dev.type, key[1]))
+    return _COMM_STREAMS[key]
+
+
+def current_stream(dev: torch.device):
+    """The stream compute runs on now; None without streams."""
+    return _module(dev).current_stream(torch.device(dev.type, _index(dev))) if has_streams(dev) else None
+
+
+def use_stream(dev: torch.device, stream):
+    """Context that makes `stream` current (a no-op for None)."""
+    return _module(dev).stream(stream) if stream is not None else contextlib.nullcontext()
+
+
 def autocast(dev: torch.device | DeviceInfo, dtype: torch.dtype | None):
     """Autocast context for the compute dtype; a no-op for fp32."""
     if dtype is None or dtype == torch.float32:

@@ -78,12 +78,17 @@ class _Mailbox:
     the main thread receives, in action order.
     """
 
-    def __init__(self, group, device: torch.device, expected: dict[int, int], prefetch: bool):
+    def __init__(self, group, device: torch.device, expected: dict[int, int], prefetch: bool, batch: bool = False):
         self.group = group
         self.device = device
         self.me = dist.get_rank(group)
         self.kept: dict[tuple[int, p2p.Key], dict[str, torch.Tensor]] = {}
         self.sends: list[p2p.SendHandle] = []
+        self.posted: dict[int, p2p.RecvHandle] = {}  # per peer, at most one (see p2p)
+        # Without prefetch threads, a slot's send and the next receive go out as one batch
+        # (`batch`), on the device's communication stream where it has streams.
+        self.batch = batch and not prefetch
+        self.stream = omnitrain_device.comm_stream(device) if not prefetch else None
         self.cond = threading.Condition()
         self.error: BaseException | None = None
         self.threads = []
@@ -105,14 +110,35 @@ class _Mailbox:
                 self.error = e
                 self.cond.notify_all()
 
-    def send(self, bundle: dict[str, torch.Tensor], dst: int, key: p2p.Key) -> None:
+    def send(self, bundle: dict[str, torch.Tensor], dst: int, key: p2p.Key, then: tuple | None = None) -> None:
+        """Send `bundle`; `then` = (src, key) of the next action's receive, posted in the same batch."""
         if dst == self.me:  # two stages of one rank (interleaved, 1 rank): hand over locally
             self.kept[(dst, key)] = {
                 k: v.detach().requires_grad_(v.requires_grad and v.is_floating_point()) for k, v in bundle.items()
             }
             return
-        self.sends.append(p2p.isend_bundle(bundle, dst, group=self.group, key=key, device=self.device))
+        src = self._lookahead(then)
+        if self.batch:
+            handles, recv = p2p.exchange(
+                [(bundle, dst, key)], src, group=self.group, device=self.device, stream=self.stream
+            )
+            self.sends += handles
+            if recv is not None:
+                self.posted[src] = recv
+        else:
+            self.sends.append(
+                p2p.isend_bundle(bundle, dst, group=self.group, key=key, device=self.device, stream=self.stream)
+            )
         self.sends = [h for h in self.sends if not h.is_completed()]
+
+    def _lookahead(self, then: tuple | None) -> int | None:
+        """The peer whose next bundle to post a receive for now, if batching and none is outstanding."""
+        if not self.batch or then is None:
+            return None
+        src, key = then
+        if src == self.me or (src, key) in self.kept or src in self.posted:
+            return None
+        return src
 
     def recv(self, src: int, key: p2p.Key) -> dict[str, torch.Tensor]:
         if src == self.me:
@@ -125,7 +151,10 @@ class _Mailbox:
                     raise RuntimeError(f"pipeline: receiving from rank {src} failed") from self.error
         else:
             while (src, key) not in self.kept:
-                got, bundle = p2p.recv_bundle(src, group=self.group, device=self.device)
+                h = self.posted.pop(src, None) or p2p.irecv_bundle(
+                    src, group=self.group, device=self.device, stream=self.stream
+                )
+                got, bundle = h.wait()
                 self.kept[(src, tuple(got))] = bundle
         with self.cond:
             return self.kept.pop((src, key))
@@ -138,8 +167,11 @@ class _Mailbox:
             t.join()
         if self.error is not None:
             raise RuntimeError("pipeline: a receive failed") from self.error
-        if self.kept:
-            raise RuntimeError(f"pipeline: bundles received but never used: {sorted(k for _, k in self.kept)}")
+        if self.kept or self.posted:
+            raise RuntimeError(
+                f"pipeline: bundles received but never used: {sorted(k for _, k in self.kept)}, "
+                f"receives posted but never taken from ranks {sorted(self.posted)}"
+            )
 
 
 def _expected(actions: Sequence[Action], num_stages: int, prev_rank, next_rank, me: int) -> dict[int, int]:
@@ -152,6 +184,17 @@ def _expected(actions: Sequence[Action], num_stages: int, prev_rank, next_rank, 
             count[next_rank] = count.get(next_rank, 0) + 1
     count.pop(me, None)
     return count
+
+
+def _recv_of(a: Action | None, num_stages: int, prev_rank, next_rank) -> tuple[int, p2p.Key] | None:
+    """(peer, key) of the bundle action `a` must receive first, if any."""
+    if a is None:
+        return None
+    if a.op == "F" and a.stage > 0:
+        return prev_rank, (ACT, a.mb, a.stage)
+    if a.op == "B" and a.stage < num_stages - 1:
+        return next_rank, (GRAD, a.mb, a.stage)
+    return None
 
 
 def _autograd_roots(out, grads: dict[str, torch.Tensor] | None) -> tuple[list, list | None]:
@@ -192,6 +235,7 @@ def run_pipeline(
     num_stages: int | None = None,
     device: torch.device | None = None,
     prefetch: bool | None = None,
+    batch_p2p: bool | None = None,
 ) -> PipelineResult:
     """Run this rank's `actions` for one step.
 
@@ -199,7 +243,12 @@ def run_pipeline(
     several (interleaved). `prev_rank`/`next_rank` are the group ranks of the
     neighbouring stages (None at the ends). `num_stages` defaults to the
     group size (one stage per rank). `prefetch` (default: on CPU) receives
-    in background threads.
+    in background threads. Without it, `batch_p2p` (default: with one stage
+    per rank) posts each send together with the receive the next action needs.
+    Batching is limited to one stage per rank: the stages then form a line
+    in which a batch's sends are always taken by a neighbour that needs them
+    (a grouped batch completes as a whole); interleaved stages wrap around
+    the ranks, where no such argument holds.
     """
     stages = dict(stage) if isinstance(stage, Mapping) else {actions[0].stage if actions else 0: stage}
     if num_stages is None:
@@ -214,7 +263,9 @@ def run_pipeline(
     if prefetch is None:
         prefetch = omnitrain_device.is_cpu(device)
     me = dist.get_rank(group)
-    box = _Mailbox(group, device, _expected(actions, num_stages, prev_rank, next_rank, me), prefetch)
+    if batch_p2p is None:
+        batch_p2p = num_stages == dist.get_world_size(group)
+    box = _Mailbox(group, device, _expected(actions, num_stages, prev_rank, next_rank, me), prefetch, batch_p2p)
     saved: dict[tuple[int, int], tuple[dict, object]] = {}
     losses: dict[int, torch.Tensor] = {}
     fwd_s = {s: 0.0 for s in stages}
@@ -231,9 +282,10 @@ def run_pipeline(
             params[st] = [p for p in obj.parameters() if p.requires_grad]
     pending_w: dict[tuple[int, int], tuple[object, dict | None]] = {}  # (mb, stage) -> (outputs, their grads)
 
-    for a in actions:
+    for i, a in enumerate(actions):
         s, mb = a.stage, a.mb
         first, last = s == 0, s == num_stages - 1
+        then = _recv_of(actions[i + 1] if i + 1 < len(actions) else None, num_stages, prev_rank, next_rank)
         # Each branch: receive, compute between t0 and t1 (the timed part), send.
         if a.op == "F":
             inputs = {} if first else box.recv(prev_rank, (ACT, mb, s))
@@ -250,7 +302,7 @@ def run_pipeline(
             else:
                 if not isinstance(out, Mapping):
                     raise TypeError(f"pipeline: stage {s} must return a dict of tensors, got {type(out).__name__}")
-                box.send(dict(out), next_rank, (ACT, mb, s + 1))
+                box.send(dict(out), next_rank, (ACT, mb, s + 1), then)
             saved[(mb, s)] = (inputs, out)
         elif a.op == "B":
             inputs, out = saved.pop((mb, s))
@@ -265,7 +317,7 @@ def run_pipeline(
             bwd_s[s] += t1 - t0
             if not first:
                 back = _input_grads(inputs)
-                box.send(back, prev_rank, (GRAD, mb, s - 1))
+                box.send(back, prev_rank, (GRAD, mb, s - 1), then)
                 del back
             del inputs, out, grads  # free this micro-batch's activations now (split: those W does not need)
         elif a.op == "W":
