@@ -10,8 +10,10 @@ schedule comes from the simulator on those costs (for GPipe and 1F1B about
 (m + p - 1) x (f + b); interleaved 1F1B about (m + (p - 1) / v) x (f + b);
 zero-bubble about m (f + b) + (p - 1) f).
 
-The bubble is the share of all ranks' step time not spent computing:
-1 - work / (p x step). The same stages then run under
+The bubble is what training logs as `bubble`: the share of a rank's step
+the executor spent outside forward/backward (waiting, communication), mean
+over ranks; next to it the same from the nominal costs, 1 - m (f + b) / step
+(sleeps overshoot on a loaded machine; torch's runs get only this one). The same stages then run under
 torch.distributed.pipelining (Schedule1F1B, ScheduleInterleavedZeroBubble,
 ScheduleZBVZeroBubble with two half-cost chunks per rank; gloo) in the same
 processes, and omnitrain's step time over torch's is printed.
@@ -131,7 +133,12 @@ def _omnitrain(name, rank, p, m, fwd_s, bwd_s, v, steps, kib):
             )
         )
 
-    return _timed(run, steps)
+    step = _timed(run, steps)
+    # The executor's bubble, as training logs it: the share of the step this
+    # rank spent outside forward/backward (waiting and communication), mean over ranks.
+    idle = torch.tensor([statistics.median(r.idle_s / r.total_s for r in res[1:])])
+    dist.all_reduce(idle)
+    return step, idle.item() / p
 
 
 def _torch(name, rank, p, m, fwd_s, bwd_s, steps, kib):
@@ -215,12 +222,12 @@ def main() -> None:
     )
     bubbles = {}
     for name in names:
-        measured = res[name]
+        measured, bubbles[name] = res[name]
         ideal, ideal_bubble = _ideal(name, a.p, a.m, f, b, a.virtual_stages)
-        bubbles[name] = _bubble(measured, a.p, a.m, f, b)
         print(
             f"{name:17s} p={a.p} m={a.m} {a.kib} KiB: step {measured * 1e3:6.1f} ms, ideal {ideal * 1e3:6.1f} ms, "
-            f"bubble {bubbles[name]:.3f} (ideal {ideal_bubble:.3f}), schedule_efficiency={ideal / measured:.3f}"
+            f"bubble {bubbles[name]:.3f} (ideal {ideal_bubble:.3f}; from the nominal costs "
+            f"{_bubble(measured, a.p, a.m, f, b):.3f}), schedule_efficiency={ideal / measured:.3f}"
         )
     for name in torch_names:
         measured = res[f"torch_{name}"]
@@ -230,7 +237,7 @@ def main() -> None:
     ratios = {}
     for name in torch_names:
         if ours[name] in res:
-            ratios[name] = res[ours[name]] / res[f"torch_{name}"]
+            ratios[name] = res[ours[name]][0] / res[f"torch_{name}"]
             print(f"omnitrain {ours[name]} over torch {name}: {ratios[name]:.3f}")
     if "1f1b" in bubbles and "zero_bubble" in bubbles:
         print(f"zero_bubble bubble over 1f1b's: {bubbles['zero_bubble'] / bubbles['1f1b']:.3f} (target <= 0.5)")

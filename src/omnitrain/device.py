@@ -152,6 +152,29 @@ def peak_memory_bytes(dev: torch.device | DeviceInfo) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def device_name(dev: torch.device | DeviceInfo) -> str:
+    """The device's marketing name (what the peak-FLOPs table is keyed by); "cpu" on CPU."""
+    mod = _module(dev)
+    if mod is None:
+        return "cpu"
+    try:
+        return str(mod.get_device_name())
+    except Exception:
+        return dev.type
+
+
+def attention_kernels(dev: torch.device | DeviceInfo) -> str:
+    """Which fused kernels SDPA may dispatch to here (for reports)."""
+    if dev.type == "cuda":
+        b = torch.backends.cuda
+        on = [n for n, f in (("flash", b.flash_sdp_enabled), ("mem_efficient", b.mem_efficient_sdp_enabled),
+                             ("cudnn", getattr(b, "cudnn_sdp_enabled", lambda: False))) if f()]
+        return "sdpa (" + ", ".join(on + ["math"]) + ")"
+    if dev.type == "npu":
+        return "sdpa (npu fused attention)"
+    return "sdpa (cpu)"
+
+
 def peak_flops(dev: torch.device | DeviceInfo) -> float:
     """Peak dense bf16 FLOP/s of one device; 0.0 when unknown (MFU reported as 0)."""
     mod = _module(dev)
