@@ -10,10 +10,11 @@ schedule comes from the simulator on those costs (for GPipe and 1F1B about
 (m + p - 1) x (f + b); interleaved 1F1B about (m + (p - 1) / v) x (f + b);
 zero-bubble about m (f + b) + (p - 1) f).
 
-The bubble is what training logs as `bubble`: the share of a rank's step
-the executor spent outside forward/backward (waiting, communication), mean
-over ranks; next to it the same from the nominal costs, 1 - m (f + b) / step
-(sleeps overshoot on a loaded machine; torch's runs get only this one). The same stages then run under
+The bubble is the share of the step a rank is not computing, from the
+nominal costs: 1 - m (f + b) / step, so every overhead (communication,
+sleeps that overshoot on a loaded machine) counts as bubble, for torch's runs
+too. Next to it: the executor's own idle share (what training logs as
+`bubble`; it books an overshooting sleep as compute). The same stages then run under
 torch.distributed.pipelining (Schedule1F1B, ScheduleInterleavedZeroBubble,
 ScheduleZBVZeroBubble with two half-cost chunks per rank; gloo) in the same
 processes, and omnitrain's step time over torch's is printed.
@@ -222,12 +223,13 @@ def main() -> None:
     )
     bubbles = {}
     for name in names:
-        measured, bubbles[name] = res[name]
+        measured, idle = res[name]
+        bubbles[name] = _bubble(measured, a.p, a.m, f, b)
         ideal, ideal_bubble = _ideal(name, a.p, a.m, f, b, a.virtual_stages)
         print(
             f"{name:17s} p={a.p} m={a.m} {a.kib} KiB: step {measured * 1e3:6.1f} ms, ideal {ideal * 1e3:6.1f} ms, "
-            f"bubble {bubbles[name]:.3f} (ideal {ideal_bubble:.3f}; from the nominal costs "
-            f"{_bubble(measured, a.p, a.m, f, b):.3f}), schedule_efficiency={ideal / measured:.3f}"
+            f"bubble {bubbles[name]:.3f} (ideal {ideal_bubble:.3f}; executor idle {idle:.3f}), "
+            f"schedule_efficiency={ideal / measured:.3f}"
         )
     for name in torch_names:
         measured = res[f"torch_{name}"]

@@ -20,21 +20,19 @@ The last stage's loss must already be scaled for the step (e.g. divided by the
 global label-token count): the executor sums nothing and scales nothing.
 
 Split backward (zero-bubble schedules, actions "B" then "W"): B runs autograd
-from the stage's outputs to its received inputs only (`inputs=`, graph
-retained) and sends those grads back at once; W later runs it to the
-stage's parameters (`stage.parameters()`), accumulating into `.grad` like a
-plain backward, and frees the graph (the first stage sends no input grads:
-its B is empty and its W the plain backward). Grads end as with one backward (the
-parity tests check it); FSDP's per-unit reduce-scatter hooks assume one
-backward per forward, so layouts reject zero_bubble with dp_mode=fsdp. W
-walks the graph again from the outputs, so it repeats the input-grad chain
-(B's work) on top of the weight grads: the schedule trades that compute for
-the bubble (torch.distributed.pipelining instead restarts W from the nodes
-where input and weight paths split).
+from the stage's outputs to its received inputs only and sends those grads
+back at once; W later computes the grads of the stage's parameters
+(`stage.parameters()`) into `.grad`, restarting from the nodes where the
+input and weight paths part (`split_backward`), and frees the graph. The
+first stage sends no input grads: its B is empty and its W the plain
+backward. Grads end as with one backward (the parity tests check it);
+FSDP's per-unit reduce-scatter hooks assume one backward per forward, so
+layouts reject zero_bubble with dp_mode=fsdp.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from omnitrain import device as omnitrain_device
-from omnitrain.pipeline import p2p
+from omnitrain.pipeline import p2p, split_backward
 from omnitrain.pipeline.schedule import Action
 
 ACT, GRAD = 0, 1  # bundle kinds, first word of the p2p key
@@ -280,7 +278,7 @@ def run_pipeline(
             if not hasattr(obj, "parameters"):
                 raise TypeError(f"pipeline: stage {st} has no parameters(), which a split-backward schedule needs")
             params[st] = [p for p in obj.parameters() if p.requires_grad]
-    pending_w: dict[tuple[int, int], tuple[object, dict | None]] = {}  # (mb, stage) -> (outputs, their grads)
+    pending_w: dict[tuple[int, int], object] = {}  # (mb, stage) -> runs its W
 
     for i, a in enumerate(actions):
         s, mb = a.stage, a.mb
@@ -308,9 +306,14 @@ def run_pipeline(
             inputs, out = saved.pop((mb, s))
             grads = None if last else box.recv(next_rank, (GRAD, mb, s))
             t0 = time.perf_counter()
-            if split:  # input grads only; the graph stays for W
-                _backward(out, grads, inputs=[v for v in inputs.values() if v.requires_grad], retain_graph=True)
-                pending_w[(mb, s)] = (out, grads)
+            if split and first:  # no input grads to send: W is the whole (plain) backward
+                pending_w[(mb, s)] = functools.partial(_backward, out, grads)
+            elif split:  # input grads only; the graph stays for W
+                work = split_backward.backward_input(
+                    *_autograd_roots(out, grads), [v for v in inputs.values() if v.requires_grad], params[s]
+                )
+                pending_w[(mb, s)] = functools.partial(split_backward.backward_weight, work)
+                del work
             else:
                 _backward(out, grads)
             t1 = time.perf_counter()
@@ -323,13 +326,12 @@ def run_pipeline(
         elif a.op == "W":
             if (mb, s) not in pending_w:
                 raise RuntimeError(f"pipeline: {a} runs before its B")
-            out, grads = pending_w.pop((mb, s))
+            run_w = pending_w.pop((mb, s))
             t0 = time.perf_counter()
-            # The first stage's B had nothing to send: W is its whole backward.
-            _backward(out, grads, inputs=None if first else params[s])
+            run_w()
             t1 = time.perf_counter()
             bwd_s[s] += t1 - t0
-            del out, grads
+            del run_w  # frees the micro-batch's graph
         else:
             raise ValueError(f"pipeline: unknown action {a}")
         timeline.append((t0 - t_start, t1 - t_start, a))
