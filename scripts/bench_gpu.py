@@ -96,7 +96,6 @@ def main(argv=None) -> dict:
     audio_s = a.audio_s or (1.0 if smoke else 10.0)
     words = a.words or (20 if smoke else 1200)
 
-    import torch
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 

@@ -46,6 +46,7 @@ from omnitrain.pipeline import p2p, split_backward
 from omnitrain.pipeline.schedule import Action
 
 ACT, GRAD = 0, 1  # bundle kinds, first word of the p2p key
+_BATCH_READY: set = set()  # process groups whose first op was a collective (see run_pipeline)
 
 
 class Stage(Protocol):
@@ -158,8 +159,10 @@ class _Mailbox:
             return self.kept.pop((src, key))
 
     def finish(self) -> None:
-        for h in self.sends:
-            h.wait()
+        # On the comm stream: its later allocations may reuse the send buffers only after the transfers.
+        with omnitrain_device.use_stream(self.device, self.stream):
+            for h in self.sends:
+                h.wait()
         self.sends = []
         for t in self.threads:
             t.join()
@@ -263,6 +266,11 @@ def run_pipeline(
     me = dist.get_rank(group)
     if batch_p2p is None:
         batch_p2p = num_stages == dist.get_world_size(group)
+    if batch_p2p and not prefetch and group not in _BATCH_READY:
+        # NCCL: a group's first op must not be a batch some ranks lack (torch's
+        # batch_isend_irecv contract); one barrier makes it an all-rank op.
+        dist.barrier(group=group)
+        _BATCH_READY.add(group)
     box = _Mailbox(group, device, _expected(actions, num_stages, prev_rank, next_rank, me), prefetch, batch_p2p)
     saved: dict[tuple[int, int], tuple[dict, object]] = {}
     losses: dict[int, torch.Tensor] = {}
