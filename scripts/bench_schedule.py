@@ -1,12 +1,28 @@
-"""Measure how close the real executor comes to a schedule's ideal step time.
+"""Measure how close the real executor comes to a schedule's ideal step time, and torch's.
 
 Stages with fixed per-micro-batch costs (sleeps: on a shared 2-core machine
 real compute would measure the scheduler, not the schedule) run through the
-real executor and p2p on forked CPU workers. For GPipe and 1F1B the ideal
-step is (m + p - 1) x (f + b); interleaved 1F1B with v chunks per rank does
-the same work in (m + (p - 1) / v) x (f + b).
+real executor and p2p on forked CPU workers. A stage is one "linear layer":
+its backward is an input-grad half and a weight-grad half (b / 2 each), which
+a zero-bubble schedule runs as separate passes (the first stage sends no input
+grads: it runs both halves in W). The ideal step of each
+schedule comes from the simulator on those costs (for GPipe and 1F1B about
+(m + p - 1) x (f + b); interleaved 1F1B about (m + (p - 1) / v) x (f + b);
+zero-bubble about m (f + b) + (p - 1) f).
+
+The bubble is the share of the step a rank is not computing, from the
+nominal costs: 1 - m (f + b) / step, so every overhead (communication,
+sleeps that overshoot on a loaded machine) counts as bubble, for torch's runs
+too. Next to it: the executor's own idle share (what training logs as
+`bubble`; it books an overshooting sleep as compute). The same stages then run under
+torch.distributed.pipelining (Schedule1F1B, ScheduleInterleavedZeroBubble,
+ScheduleZBVZeroBubble with two half-cost chunks per rank; gloo) in the same
+processes, and omnitrain's step time over torch's is printed.
 
     python scripts/bench_schedule.py            # p=4, m=8, f=20 ms, b=40 ms
+
+Last lines: bubble_1f1b=, bubble_zero_bubble= (target: at most half of
+1F1B's), vs_torch_1f1b= (omnitrain's 1F1B step over torch's; target <= 1).
 """
 
 from __future__ import annotations
@@ -17,51 +33,98 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from omnitrain import device, launch
 from omnitrain.pipeline import schedule as sched
 from omnitrain.pipeline.executor import run_pipeline
 
 
-class _Sleep(torch.autograd.Function):
+class _SleepLinear(torch.autograd.Function):
+    """y = x * w with fixed costs: the backward's input-grad half runs only when
+    autograd asks for x's grad, the weight-grad half only for w's (a linear
+    layer's two matmuls), so a split backward pays each half in its own pass."""
+
     @staticmethod
-    def forward(ctx, x, fwd_s, bwd_s):
+    def forward(ctx, x, w, fwd_s, bwd_s):
         ctx.bwd_s = bwd_s
+        ctx.save_for_backward(x, w)
         time.sleep(fwd_s)
-        return x * 1.0
+        return x * w
 
     @staticmethod
     def backward(ctx, g):
-        time.sleep(ctx.bwd_s)
-        return g, None, None
+        x, w = ctx.saved_tensors
+        # needs_input_grad is fixed at forward time; which branch this backward
+        # pass (all, inputs only, weights only) reaches is what autograd's own
+        # nodes check (torch.utils.checkpoint asks the engine the same way).
+        want = [n is not None and torch._C._will_engine_execute_node(n) for n, _ in ctx.next_functions[:2]]
+        gx = gw = None
+        if want[0]:
+            time.sleep(ctx.bwd_s / 2)
+            gx = g * w
+        if want[1]:
+            time.sleep(ctx.bwd_s / 2)
+            gw = (g * x).sum().reshape(w.shape)
+        return gx, gw, None, None
+
+
+class SleepModule(nn.Module):
+    """One pipeline stage of the bench, for omnitrain's executor and for torch's schedules alike."""
+
+    def __init__(self, fwd_s: float, bwd_s: float, first: bool = False):
+        super().__init__()
+        self.fwd_s, self.bwd_s, self.first = fwd_s, bwd_s, first
+        self.w = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        if self.first:  # a stage of several layers computes activation grads inside it: both halves, like every stage
+            x = x.detach().requires_grad_(True)
+        # (x * 1, w * 1): autograd.grad (torch's split backward) cannot ask the engine about leaves
+        return _SleepLinear.apply(x * 1.0, self.w * 1.0, self.fwd_s, self.bwd_s)
 
 
 class SleepStage:
-    def __init__(self, fwd_s: float, bwd_s: float, last: bool, kib: int):
-        self.fwd_s, self.bwd_s, self.last, self.kib = fwd_s, bwd_s, last, kib
+    """The executor's stage protocol around a SleepModule."""
+
+    def __init__(self, module: SleepModule, first: bool, last: bool, kib: int):
+        self.module, self.first, self.last, self.kib = module, first, last, kib
 
     def forward(self, mb, inputs):
-        x = inputs.get("h")
-        if x is None:
-            x = torch.zeros(self.kib, 256, requires_grad=True)  # the "activations" sent on
-        y = _Sleep.apply(x, self.fwd_s, self.bwd_s)
+        x = torch.zeros(self.kib, 256) if self.first else inputs["h"]  # the "activations" sent on
+        y = self.module(x)
         return y.sum() if self.last else {"h": y}
 
+    def parameters(self):
+        return self.module.parameters()
 
-def _worker(names, m, fwd_s, bwd_s, v, steps, kib):
-    rank, p = launch.init_distributed(device.detect("cpu"), timeout_s=60)
-    out = {}
-    for name in names:
-        s = sched.build(name, p, m, v if name == "interleaved_1f1b" else 1)
-        k = s.num_stages // p  # chunks per rank: each does 1/k of the rank's work
-        stages = {
-            st: SleepStage(fwd_s / k, bwd_s / k, st == s.num_stages - 1, kib) for st in s.stages_of(rank)
-        }
-        times, idle = [], []
-        for step in range(steps + 1):  # step 0 warms up connections
-            dist.barrier()
-            t0 = time.perf_counter()
-            res = run_pipeline(
+
+def _timed(run, steps: int) -> float:
+    """Median step time over `steps` (after one warm-up step), slowest rank's."""
+    times = []
+    for step in range(steps + 1):  # step 0 warms up connections
+        dist.barrier()
+        t0 = time.perf_counter()
+        run()
+        t = torch.tensor([time.perf_counter() - t0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the step ends when the slowest rank does
+        if step:
+            times.append(t.item())
+    return statistics.median(times)
+
+
+def _omnitrain(name, rank, p, m, fwd_s, bwd_s, v, steps, kib):
+    s = sched.build(name, p, m, v if name == "interleaved_1f1b" else 1)
+    k = s.num_stages // p  # chunks per rank: each does 1/k of the rank's work
+    stages = {
+        st: SleepStage(SleepModule(fwd_s / k, bwd_s / k, st == 0), st == 0, st == s.num_stages - 1, kib)
+        for st in s.stages_of(rank)
+    }
+    res = []
+
+    def run():
+        res.append(
+            run_pipeline(
                 s.actions[rank],
                 stages,
                 prev_rank=(rank - 1) % p,
@@ -69,14 +132,71 @@ def _worker(names, m, fwd_s, bwd_s, v, steps, kib):
                 num_microbatches=m,
                 num_stages=s.num_stages,
             )
-            t = torch.tensor([time.perf_counter() - t0])
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the step ends when the slowest rank does
-            if step:
-                times.append(t.item())
-                idle.append(res.idle_s)
-        out[name] = (statistics.median(times), statistics.median(idle))
+        )
+
+    step = _timed(run, steps)
+    # The executor's bubble, as training logs it: the share of the step this
+    # rank spent outside forward/backward (waiting and communication), mean over ranks.
+    idle = torch.tensor([statistics.median(r.idle_s / r.total_s for r in res[1:])])
+    dist.all_reduce(idle)
+    return step, idle.item() / p
+
+
+def _torch(name, rank, p, m, fwd_s, bwd_s, steps, kib):
+    """The same stages under torch.distributed.pipelining (fixed shapes, which these are)."""
+    from torch.distributed import pipelining as tp
+
+    cls = {
+        "1f1b": tp.Schedule1F1B,
+        "gpipe": tp.ScheduleGPipe,
+        "interleaved_zb": tp.ScheduleInterleavedZeroBubble,
+        "zbv": tp.ScheduleZBVZeroBubble,
+    }[name]
+    ids = [rank, 2 * p - 1 - rank] if name == "zbv" else [rank]  # ZBV: two chunks per rank, in a V
+    n = p * len(ids)
+    dev = torch.device("cpu")
+    stages = [
+        tp.PipelineStage(SleepModule(fwd_s / len(ids), bwd_s / len(ids), i == 0), i, n, dev) for i in ids
+    ]
+    loss_fn = lambda y, target: y.sum()  # noqa: E731
+    schedule = cls(stages if name in ("interleaved_zb", "zbv") else stages[0], n_microbatches=m, loss_fn=loss_fn)
+    x = torch.zeros(m * kib, 256)
+    target = torch.zeros(m, 1)
+    first, last = 0 in ids, n - 1 in ids
+
+    def run():
+        kw = {"target": target, "losses": []} if last else {}
+        schedule.step(*((x,) if first else ()), **kw)
+
+    return _timed(run, steps)
+
+
+def _worker(names, torch_names, m, fwd_s, bwd_s, v, steps, kib):
+    rank, p = launch.init_distributed(device.detect("cpu"), timeout_s=60)
+    out = {}
+    for name in names:
+        out[name] = _omnitrain(name, rank, p, m, fwd_s, bwd_s, v, steps, kib)
+    for name in torch_names:
+        out[f"torch_{name}"] = _torch(name, rank, p, m, fwd_s, bwd_s, steps, kib)
     launch.destroy()
     return out
+
+
+def _ideal(name: str, p: int, m: int, f: float, b: float, v: int) -> tuple[float, float]:
+    """(step time, bubble fraction) the simulator predicts for these costs, without communication.
+
+    The first stage sends no input grads: a split backward runs all of it in W.
+    """
+    s = sched.build(name, p, m, v if name == "interleaved_1f1b" else 1)
+    k = s.num_stages // p
+    share = [1.0 if st == 0 else 0.5 for st in range(s.num_stages)]
+    r = sched.simulate(s, fwd=f / k, bwd=b / k, weight_share=share)
+    return r.makespan, _bubble(r.makespan, p, m, f, b)
+
+
+def _bubble(step: float, p: int, m: int, f: float, b: float) -> float:
+    """Share of the p ranks' step time spent idle: 1 - (work of all stages) / (p x step)."""
+    return 1.0 - m * (f + b) / step
 
 
 def main() -> None:
@@ -88,19 +208,47 @@ def main() -> None:
     ap.add_argument("--virtual-stages", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--kib", type=int, default=64, help="activations per micro-batch (p2p: <= 64 KiB in one message)")
-    ap.add_argument("--schedules", default="gpipe,1f1b,interleaved_1f1b")
+    ap.add_argument("--schedules", default="gpipe,1f1b,interleaved_1f1b,zero_bubble")
+    ap.add_argument(
+        "--torch-schedules",
+        default="1f1b,interleaved_zb,zbv",
+        help="torch.distributed.pipelining schedules on the same stages: 1f1b, gpipe, interleaved_zb, zbv ('' for none)",
+    )
     a = ap.parse_args()
     names = a.schedules.split(",")
+    torch_names = [n for n in a.torch_schedules.split(",") if n]
     f, b = a.fwd_ms / 1e3, a.bwd_ms / 1e3
-    res = launch.launch(_worker, a.p, names, a.m, f, b, a.virtual_stages, a.steps, a.kib, layout="bench_schedule")
+    res = launch.launch(
+        _worker, a.p, names, torch_names, a.m, f, b, a.virtual_stages, a.steps, a.kib, layout="bench_schedule"
+    )
+    bubbles = {}
     for name in names:
         measured, idle = res[name]
-        bubble = (a.p - 1) / (a.virtual_stages if name == "interleaved_1f1b" else 1)
-        ideal = (a.m + bubble) * (f + b)
+        bubbles[name] = _bubble(measured, a.p, a.m, f, b)
+        ideal, ideal_bubble = _ideal(name, a.p, a.m, f, b, a.virtual_stages)
         print(
             f"{name:17s} p={a.p} m={a.m} {a.kib} KiB: step {measured * 1e3:6.1f} ms, ideal {ideal * 1e3:6.1f} ms, "
-            f"rank-0 idle {idle * 1e3:5.1f} ms, schedule_efficiency={ideal / measured:.3f}"
+            f"bubble {bubbles[name]:.3f} (ideal {ideal_bubble:.3f}; executor idle {idle:.3f}), "
+            f"schedule_efficiency={ideal / measured:.3f}"
         )
+    for name in torch_names:
+        measured = res[f"torch_{name}"]
+        bubble = _bubble(measured, a.p, a.m, f, b)
+        print(f"torch {name:11s} p={a.p} m={a.m}: step {measured * 1e3:6.1f} ms, bubble {bubble:.3f}")
+    ours = {"1f1b": "1f1b", "gpipe": "gpipe", "interleaved_zb": "zero_bubble", "zbv": "zero_bubble"}
+    ratios = {}
+    for name in torch_names:
+        if ours[name] in res:
+            ratios[name] = res[ours[name]][0] / res[f"torch_{name}"]
+            print(f"omnitrain {ours[name]} over torch {name}: {ratios[name]:.3f}")
+    if "1f1b" in bubbles and "zero_bubble" in bubbles:
+        print(f"zero_bubble bubble over 1f1b's: {bubbles['zero_bubble'] / bubbles['1f1b']:.3f} (target <= 0.5)")
+    # machine-readable last lines
+    for name in ("1f1b", "zero_bubble"):
+        if name in bubbles:
+            print(f"bubble_{name}={bubbles[name]:.4f}")
+    if "1f1b" in ratios:
+        print(f"vs_torch_1f1b={ratios['1f1b']:.4f}")
 
 
 if __name__ == "__main__":

@@ -86,6 +86,10 @@ class ToyStage:
             x = block(k, self.model, x, self.data[mb], self.m)
         return x
 
+    def parameters(self):  # what W (split backward) computes grads for
+        names = {n for k in self.blocks for n in BLOCK_PARAMS[k]}
+        return [p for n, p in self.model.named_parameters() if n.split(".")[0] in names]
+
 
 def reference(m: int):
     model, data = make_model(), make_data(m)
@@ -105,8 +109,14 @@ def _grads(model, blocks):
 
 
 def _pipelined(rank, world, runs):
+    import torch.distributed as dist
+
+    batches = []  # receives posted inside a batch_isend_irecv, per run
+    real = dist.batch_isend_irecv
+    dist.batch_isend_irecv = lambda ops: batches.append(sum(op.op is dist.irecv for op in ops)) or real(ops)
     out = []
-    for name, m, v in runs:
+    for name, m, v, *opts in runs:
+        batches.clear()
         s = sched.build(name, world, m, v)
         model, data = make_model(), make_data(m)
         stages = s.stages_of(rank)
@@ -120,9 +130,12 @@ def _pipelined(rank, world, runs):
             group=None,
             num_microbatches=m,
             num_stages=s.num_stages,
+            # main-thread receives, each send batched with the next receive (batch_isend_irecv), as on accelerators
+            prefetch=not opts,
         )
         blocks = [b for st in stages for b in objs[st].blocks]
-        out.append((res.losses, _grads(model, blocks), sorted(res.forward_s)))
+        out.append((res.losses, _grads(model, blocks), sorted(res.forward_s), sum(batches)))
+    dist.batch_isend_irecv = real
     return out
 
 
@@ -132,20 +145,22 @@ def _close(a, b):
 
 RUNS = {
     1: [("interleaved_1f1b", 4, 4)],  # four virtual stages on one rank: local hand-over
-    2: [(n, m, 1) for n in ("gpipe", "1f1b") for m in range(4, 9)] + [("interleaved_1f1b", m, 2) for m in (4, 5)],
-    4: [(n, m, 1) for n in ("gpipe", "1f1b") for m in range(4, 9)],
+    2: [(n, m, 1) for n in ("gpipe", "1f1b") for m in range(4, 9)] + [("interleaved_1f1b", m, 2) for m in (4, 5)]
+    + [("zero_bubble", m, 1) for m in (2, 5, 8)] + [(n, 5, 1, "batched") for n in ("gpipe", "1f1b", "zero_bubble")],
+    4: [(n, m, 1) for n in ("gpipe", "1f1b") for m in range(4, 9)] + [("zero_bubble", m, 1) for m in (4, 7)]
+    + [(n, 6, 1, "batched") for n in ("gpipe", "1f1b", "zero_bubble")],
 }
 
 
 @pytest.mark.parametrize("p", sorted(RUNS))
 def test_pipeline_matches_single_process(p):
     results = run_workers(_pipelined, p, RUNS[p])
-    for i, (name, m, v) in enumerate(RUNS[p]):
+    for i, (name, m, v, *_) in enumerate(RUNS[p]):
         ref_losses, ref_grads = reference(m)
         s = sched.build(name, p, m, v)
         seen = set()
         for rank in range(p):
-            losses, grads, stages = results[rank][i]
+            losses, grads, stages, _ = results[rank][i]
             assert stages == s.stages_of(rank)
             if rank == s.rank_of(s.num_stages - 1):
                 assert len(losses) == m
@@ -156,6 +171,8 @@ def test_pipeline_matches_single_process(p):
                 assert _close(g, ref_grads[n]), (name, m, rank, n)
             seen |= set(grads)
         assert seen == set(ref_grads), (name, m)
+        if len(RUNS[p][i]) > 3:  # the batched path ran, receives included
+            assert sum(results[rank][i][3] for rank in range(p)) > 0, name
 
 
 def _stage_errors(rank, world):

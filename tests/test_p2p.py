@@ -77,6 +77,27 @@ def test_isend_both_ways_does_not_deadlock():
     assert run_workers(_both_ways, 2) == [(1.0, 1 << 20), (0.0, 1 << 20)]
 
 
+def _batched(rank, world):
+    # One batch_isend_irecv per side: a small and a large (two-message) bundle
+    # out, the peer's first bundle's receive in; then a plain receive for the second.
+    peer = 1 - rank
+    sends, recv = p2p.exchange(
+        [(_bundle(0), peer, (0, 0, rank)), (_bundle(1), peer, (0, 1, rank))], peer, device=torch.device("cpu")
+    )
+    got = [recv.wait(), p2p.recv_bundle(peer)]
+    for h in sends:
+        h.wait()
+    return [(key, {k: v.detach() for k, v in b.items()}) for key, b in got]
+
+
+def test_batched_exchange_both_ways():
+    for rank, got in enumerate(run_workers(_batched, 2)):
+        for i, (key, b) in enumerate(got):
+            assert key == (0, i, 1 - rank)
+            want = _bundle(i)
+            assert list(b) == list(want) and all(torch.equal(b[k], want[k].detach()) for k in want)
+
+
 def _in_subgroup(rank, world):
     import torch.distributed as dist
 

@@ -30,6 +30,8 @@ LAYOUTS = {
     "pp4_hetero_1f1b": ["parallel=pp4_hetero"],
     "pp4_hetero_gpipe": ["parallel=pp4_hetero", "parallel.pp.schedule=gpipe"],
     "pp4_uniform": ["parallel=pp4_uniform"],
+    # split backward; stages 1-2 hold encoders on raw data next to received activations
+    "pp4_hetero_zero_bubble": ["parallel=pp4_hetero", "parallel.pp.schedule=zero_bubble"],
     # vision split over two stages; audio and LLM share stage 2
     "vision_split": [
         "parallel=pp4_hetero",

@@ -11,6 +11,7 @@ from omnitrain.pipeline.schedule import (
     interleaved_warmup,
     one_f_one_b,
     simulate,
+    zero_bubble,
 )
 
 PS = range(1, 9)
@@ -49,6 +50,34 @@ def test_stage_placement():
     assert build("1f1b", 4, 8).actions[3][:2] == (Action("F", 0, 3), Action("B", 0, 3))
     with pytest.raises(ValueError, match="unknown pipeline schedule"):
         build("zb", 4, 8)
+    assert build("zero_bubble", 4, 8).splits_backward and not build("1f1b", 4, 8).splits_backward
+
+
+@pytest.mark.parametrize("p", PS)
+def test_zero_bubble_is_deadlock_free_keeps_1f1b_memory_and_shrinks_the_bubble(p):
+    for m in MS:
+        s = zero_bubble(p, m)
+        assert s.num_stages == p and {a.op for r in s.actions for a in r} == ({"F", "B", "W"})
+        # F/B keep 1F1B's order on every rank; only the W's are placed around them
+        assert [tuple(a for a in acts if a.op != "W") for acts in s.actions] == list(one_f_one_b(p, m).actions)
+        plain = simulate(one_f_one_b(p, m), fwd=F, bwd=B)
+        for share in (0.5, 0.25, 0.75):  # W = half the backward (the schedule's design point), or not
+            z = simulate(s, fwd=F, bwd=B, weight_share=share)  # same total work as 1F1B
+            assert z.makespan <= plain.makespan + 1e-9, (p, m, share)
+            assert max(z.peak_in_flight) == max(plain.peak_in_flight), (p, m)
+            assert all(k <= min(m, p) for k in z.peak_in_flight)
+        if m >= p:  # F = B = W: bubble (p-1)(F + B - W), a third of 1F1B's
+            z = simulate(s, fwd=1.0, bwd=2.0)
+            assert z.makespan == m * 3.0 + (p - 1) * 1.0, (p, m)
+
+
+def test_zero_bubble_bubble_on_the_bench_costs():
+    # scripts/bench_schedule.py: p=4, m=8, forward 20, backward 40 split in halves
+    z = simulate(zero_bubble(4, 8), fwd=20.0, bwd=40.0)
+    o = simulate(one_f_one_b(4, 8), fwd=20.0, bwd=40.0)
+    frac = lambda r: max(r.bubble) / r.makespan  # noqa: E731
+    assert frac(z) <= frac(o) / 2, (frac(z), frac(o))
+    assert z.bubble == (60.0,) * 4 and o.bubble == (180.0,) * 4
 
 
 def test_a_deadlocking_schedule_is_caught():
@@ -80,6 +109,13 @@ def test_malformed_schedules_are_rejected():
         check(sched([Action("F", 0, 0), Action("F", 0, 0), Action("B", 0, 0)], ok1))
     with pytest.raises(ValueError, match="expected 4"):
         check(sched([Action("F", 0, 0)], ok1))
+    # split backward: W after its B, and then every (mb, stage) needs one
+    ok1w = (*ok1, Action("W", 0, 1))
+    with pytest.raises(ValueError, match="before its input-grad backward"):
+        check(sched([Action("F", 0, 0), Action("W", 0, 0), Action("B", 0, 0)], ok1w))
+    with pytest.raises(ValueError, match="expected 6"):
+        check(sched([Action("F", 0, 0), Action("B", 0, 0)], ok1w))
+    check(sched([Action("F", 0, 0), Action("B", 0, 0), Action("W", 0, 0)], ok1w))
 
 
 def test_timeline_and_bubble():

@@ -37,6 +37,8 @@ LAYOUTS = {
     # sequence parallel: norms on sequence shards, shards cross the pipeline cut
     "tp2_sp": ["parallel=tp2", "parallel.sequence_parallel=true"],
     "pp2_tp2_sp": ["parallel=pp2_tp2", "parallel.sequence_parallel=true"],
+    # split backward over DTensor weights (and SP norms' Partial grads)
+    "pp2_tp2_sp_zero_bubble": ["parallel=pp2_tp2", "parallel.sequence_parallel=true", "parallel.pp.schedule=zero_bubble"],
     # sharded state in host memory: the same arithmetic, so the same parity
     "fsdp2_offload": ["parallel=fsdp4", "parallel.dp=2", "parallel.fsdp.cpu_offload=true"],
 }

@@ -152,6 +152,29 @@ def peak_memory_bytes(dev: torch.device | DeviceInfo) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def device_name(dev: torch.device | DeviceInfo) -> str:
+    """The device's marketing name (what the peak-FLOPs table is keyed by); "cpu" on CPU."""
+    mod = _module(dev)
+    if mod is None:
+        return "cpu"
+    try:
+        return str(mod.get_device_name())
+    except Exception:
+        return dev.type
+
+
+def attention_kernels(dev: torch.device | DeviceInfo) -> str:
+    """Which fused kernels SDPA may dispatch to here (for reports)."""
+    if dev.type == "cuda":
+        b = torch.backends.cuda
+        on = [n for n, f in (("flash", b.flash_sdp_enabled), ("mem_efficient", b.mem_efficient_sdp_enabled),
+                             ("cudnn", getattr(b, "cudnn_sdp_enabled", lambda: False))) if f()]
+        return "sdpa (" + ", ".join(on + ["math"]) + ")"
+    if dev.type == "npu":
+        return "sdpa (npu fused attention)"
+    return "sdpa (cpu)"
+
+
 def peak_flops(dev: torch.device | DeviceInfo) -> float:
     """Peak dense bf16 FLOP/s of one device; 0.0 when unknown (MFU reported as 0)."""
     mod = _module(dev)
@@ -166,6 +189,40 @@ def peak_flops(dev: torch.device | DeviceInfo) -> float:
         if key in name:
             return flops
     return 0.0
+
+
+def has_streams(dev: torch.device | DeviceInfo) -> bool:
+    """Whether work on the device runs on streams, so communication issued on a
+    side stream overlaps compute (cuda, npu); CPU ops run inline."""
+    mod = _module(dev)
+    return mod is not None and hasattr(mod, "Stream")
+
+
+_COMM_STREAMS: dict[tuple[str, int], object] = {}
+
+
+def _index(dev: torch.device) -> int:
+    return dev.index if dev.index is not None else _module(dev).current_device()
+
+
+def comm_stream(dev: torch.device):
+    """The side stream pipeline p2p runs on (one per device, made once); None without streams."""
+    if not has_streams(dev):
+        return None
+    key = (dev.type, _index(dev))
+    if key not in _COMM_STREAMS:
+        _COMM_STREAMS[key] = _module(dev).Stream(device=torch.device(dev.type, key[1]))
+    return _COMM_STREAMS[key]
+
+
+def current_stream(dev: torch.device):
+    """The stream compute runs on now; None without streams."""
+    return _module(dev).current_stream(torch.device(dev.type, _index(dev))) if has_streams(dev) else None
+
+
+def use_stream(dev: torch.device, stream):
+    """Context that makes `stream` current (a no-op for None)."""
+    return _module(dev).stream(stream) if stream is not None else contextlib.nullcontext()
 
 
 def autocast(dev: torch.device | DeviceInfo, dtype: torch.dtype | None):

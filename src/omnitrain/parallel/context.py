@@ -115,6 +115,14 @@ def check_layout(cfg, family=None) -> list[StagePlan]:
         )
     check_tp_divisible(sizes.tp, family.tp_sizes())
     check_encoder_tp(sizes)
+    if cfg.parallel.dp_mode == "fsdp" and cfg.parallel.pp.schedule == "zero_bubble":
+        # FSDP reduce-scatters (and frees) a unit's grads in hooks that assume
+        # one backward per forward; a split backward would reduce before W.
+        raise ConfigError(
+            "parallel.pp.schedule=zero_bubble with parallel.dp_mode=fsdp: FSDP reduces a unit's grads in its "
+            "backward hooks, before the schedule's separate weight-grad pass; use parallel.dp_mode=replicate "
+            "or parallel.pp.schedule=1f1b"
+        )
     if cfg.parallel.dp_mode == "fsdp":
         # FSDP would split a fused q|k|v TP shard ([q_r|k_r|v_r]) in a way no
         # DTensor placement describes: full views and checkpoints would be wrong.
@@ -458,3 +466,8 @@ class _Stage:
 
         with device.autocast(t.dev, t.dtype):
             return t.adapter.stage_forward(t.model, self.plan, self.mbs[mb], inputs, self.n, hooks=t.hooks)
+
+    def parameters(self):
+        """What a split backward's W computes grads for: the rank's trainable parameters
+        (one stage per rank in split schedules; ones this stage does not use get none)."""
+        return self.trainer.params

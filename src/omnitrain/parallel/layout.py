@@ -24,7 +24,7 @@ from typing import Mapping
 from omnitrain.config import ConfigError
 
 LLM = "llm"  # the decoder module's name in every family
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
 
 _KEY = "parallel.pp.layers"
 

@@ -18,10 +18,21 @@ Received floating tensors require grad iff they did on the sender; backward
 sends back the grads of exactly those (zeros where the stage did not use one).
 The last stage's loss must already be scaled for the step (e.g. divided by the
 global label-token count): the executor sums nothing and scales nothing.
+
+Split backward (zero-bubble schedules, actions "B" then "W"): B runs autograd
+from the stage's outputs to its received inputs only and sends those grads
+back at once; W later computes the grads of the stage's parameters
+(`stage.parameters()`) into `.grad`, restarting from the nodes where the
+input and weight paths part (`split_backward`), and frees the graph. The
+first stage sends no input grads: its B is empty and its W the plain
+backward. Grads end as with one backward (the parity tests check it);
+FSDP's per-unit reduce-scatter hooks assume one backward per forward, so
+layouts reject zero_bubble with dp_mode=fsdp.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,21 +42,25 @@ import torch
 import torch.distributed as dist
 
 from omnitrain import device as omnitrain_device
-from omnitrain.pipeline import p2p
+from omnitrain.pipeline import p2p, split_backward
 from omnitrain.pipeline.schedule import Action
 
 ACT, GRAD = 0, 1  # bundle kinds, first word of the p2p key
+_BATCH_READY: set = set()  # process groups whose first op was a collective (see run_pipeline)
 
 
 class Stage(Protocol):
     def forward(self, mb: int, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | torch.Tensor: ...
+
+    # Needed only by schedules with W actions: the parameters whose grads W computes.
+    # def parameters(self) -> Iterable[torch.Tensor]: ...
 
 
 @dataclass
 class PipelineResult:
     losses: list[torch.Tensor]  # detached, one per micro-batch, on the rank with the last stage; else []
     forward_s: dict[int, float]  # per stage on this rank
-    backward_s: dict[int, float]
+    backward_s: dict[int, float]  # B and W together
     idle_s: float  # step wall time not spent in forward/backward: waiting (bubble) + communication
     total_s: float
     timeline: list[tuple[float, float, Action]] = field(default_factory=list)  # (start, end) from step start
@@ -62,12 +77,17 @@ class _Mailbox:
     the main thread receives, in action order.
     """
 
-    def __init__(self, group, device: torch.device, expected: dict[int, int], prefetch: bool):
+    def __init__(self, group, device: torch.device, expected: dict[int, int], prefetch: bool, batch: bool = False):
         self.group = group
         self.device = device
         self.me = dist.get_rank(group)
         self.kept: dict[tuple[int, p2p.Key], dict[str, torch.Tensor]] = {}
         self.sends: list[p2p.SendHandle] = []
+        self.posted: dict[int, p2p.RecvHandle] = {}  # per peer, at most one (see p2p)
+        # Without prefetch threads, a slot's send and the next receive go out as one batch
+        # (`batch`), on the device's communication stream where it has streams.
+        self.batch = batch and not prefetch
+        self.stream = omnitrain_device.comm_stream(device) if not prefetch else None
         self.cond = threading.Condition()
         self.error: BaseException | None = None
         self.threads = []
@@ -89,14 +109,35 @@ class _Mailbox:
                 self.error = e
                 self.cond.notify_all()
 
-    def send(self, bundle: dict[str, torch.Tensor], dst: int, key: p2p.Key) -> None:
+    def send(self, bundle: dict[str, torch.Tensor], dst: int, key: p2p.Key, then: tuple | None = None) -> None:
+        """Send `bundle`; `then` = (src, key) of the next action's receive, posted in the same batch."""
         if dst == self.me:  # two stages of one rank (interleaved, 1 rank): hand over locally
             self.kept[(dst, key)] = {
                 k: v.detach().requires_grad_(v.requires_grad and v.is_floating_point()) for k, v in bundle.items()
             }
             return
-        self.sends.append(p2p.isend_bundle(bundle, dst, group=self.group, key=key, device=self.device))
+        src = self._lookahead(then)
+        if self.batch:
+            handles, recv = p2p.exchange(
+                [(bundle, dst, key)], src, group=self.group, device=self.device, stream=self.stream
+            )
+            self.sends += handles
+            if recv is not None:
+                self.posted[src] = recv
+        else:
+            self.sends.append(
+                p2p.isend_bundle(bundle, dst, group=self.group, key=key, device=self.device, stream=self.stream)
+            )
         self.sends = [h for h in self.sends if not h.is_completed()]
+
+    def _lookahead(self, then: tuple | None) -> int | None:
+        """The peer whose next bundle to post a receive for now, if batching and none is outstanding."""
+        if not self.batch or then is None:
+            return None
+        src, key = then
+        if src == self.me or (src, key) in self.kept or src in self.posted:
+            return None
+        return src
 
     def recv(self, src: int, key: p2p.Key) -> dict[str, torch.Tensor]:
         if src == self.me:
@@ -109,27 +150,35 @@ class _Mailbox:
                     raise RuntimeError(f"pipeline: receiving from rank {src} failed") from self.error
         else:
             while (src, key) not in self.kept:
-                got, bundle = p2p.recv_bundle(src, group=self.group, device=self.device)
+                h = self.posted.pop(src, None) or p2p.irecv_bundle(
+                    src, group=self.group, device=self.device, stream=self.stream
+                )
+                got, bundle = h.wait()
                 self.kept[(src, tuple(got))] = bundle
         with self.cond:
             return self.kept.pop((src, key))
 
     def finish(self) -> None:
-        for h in self.sends:
-            h.wait()
+        # On the comm stream: its later allocations may reuse the send buffers only after the transfers.
+        with omnitrain_device.use_stream(self.device, self.stream):
+            for h in self.sends:
+                h.wait()
         self.sends = []
         for t in self.threads:
             t.join()
         if self.error is not None:
             raise RuntimeError("pipeline: a receive failed") from self.error
-        if self.kept:
-            raise RuntimeError(f"pipeline: bundles received but never used: {sorted(k for _, k in self.kept)}")
+        if self.kept or self.posted:
+            raise RuntimeError(
+                f"pipeline: bundles received but never used: {sorted(k for _, k in self.kept)}, "
+                f"receives posted but never taken from ranks {sorted(self.posted)}"
+            )
 
 
 def _expected(actions: Sequence[Action], num_stages: int, prev_rank, next_rank, me: int) -> dict[int, int]:
     """Bundles this rank receives from each peer in one step (implied by its actions)."""
     count: dict[int, int] = {}
-    for a in actions:
+    for a in actions:  # W receives nothing
         if a.op == "F" and a.stage > 0:
             count[prev_rank] = count.get(prev_rank, 0) + 1
         elif a.op == "B" and a.stage < num_stages - 1:
@@ -138,16 +187,42 @@ def _expected(actions: Sequence[Action], num_stages: int, prev_rank, next_rank, 
     return count
 
 
-def _backward(outputs: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> None:
+def _recv_of(a: Action | None, num_stages: int, prev_rank, next_rank) -> tuple[int, p2p.Key] | None:
+    """(peer, key) of the bundle action `a` must receive first, if any."""
+    if a is None:
+        return None
+    if a.op == "F" and a.stage > 0:
+        return prev_rank, (ACT, a.mb, a.stage)
+    if a.op == "B" and a.stage < num_stages - 1:
+        return next_rank, (GRAD, a.mb, a.stage)
+    return None
+
+
+def _autograd_roots(out, grads: dict[str, torch.Tensor] | None) -> tuple[list, list | None]:
+    """What a stage's backward starts from: the loss, or the sent outputs with the grads that came back."""
+    if grads is None:  # last stage: a scalar loss
+        return ([out], None) if out.requires_grad else ([], None)
     tensors, grad_tensors = [], []
     for name, g in grads.items():
-        t = outputs.get(name)
+        t = out.get(name)
         if t is None or not t.requires_grad:
             raise RuntimeError(f"pipeline: got a grad for {name!r}, which this stage did not send as needing grad")
         tensors.append(t)
         grad_tensors.append(g)
-    if tensors:
-        torch.autograd.backward(tensors, grad_tensors)
+    return tensors, grad_tensors
+
+
+def _backward(out, grads, *, inputs=None, retain_graph: bool = False) -> None:
+    """Backward from the stage's roots; `inputs` limits which leaves get .grad (split backward)."""
+    tensors, grad_tensors = _autograd_roots(out, grads)
+    if not tensors or (inputs is not None and not inputs):
+        return
+    torch.autograd.backward(tensors, grad_tensors, retain_graph=retain_graph, inputs=inputs)
+
+
+def _input_grads(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Grads of the inputs the sender marked as needing grad, in its order; an unused one gets zeros."""
+    return {k: v.grad if v.grad is not None else torch.zeros_like(v) for k, v in inputs.items() if v.requires_grad}
 
 
 def run_pipeline(
@@ -161,6 +236,7 @@ def run_pipeline(
     num_stages: int | None = None,
     device: torch.device | None = None,
     prefetch: bool | None = None,
+    batch_p2p: bool | None = None,
 ) -> PipelineResult:
     """Run this rank's `actions` for one step.
 
@@ -168,7 +244,12 @@ def run_pipeline(
     several (interleaved). `prev_rank`/`next_rank` are the group ranks of the
     neighbouring stages (None at the ends). `num_stages` defaults to the
     group size (one stage per rank). `prefetch` (default: on CPU) receives
-    in background threads.
+    in background threads. Without it, `batch_p2p` (default: with one stage
+    per rank) posts each send together with the receive the next action needs.
+    Batching is limited to one stage per rank: the stages then form a line
+    in which a batch's sends are always taken by a neighbour that needs them
+    (a grouped batch completes as a whole); interleaved stages wrap around
+    the ranks, where no such argument holds.
     """
     stages = dict(stage) if isinstance(stage, Mapping) else {actions[0].stage if actions else 0: stage}
     if num_stages is None:
@@ -183,7 +264,14 @@ def run_pipeline(
     if prefetch is None:
         prefetch = omnitrain_device.is_cpu(device)
     me = dist.get_rank(group)
-    box = _Mailbox(group, device, _expected(actions, num_stages, prev_rank, next_rank, me), prefetch)
+    if batch_p2p is None:
+        batch_p2p = num_stages == dist.get_world_size(group)
+    if batch_p2p and not prefetch and group not in _BATCH_READY:
+        # NCCL: a group's first op must not be a batch some ranks lack (torch's
+        # batch_isend_irecv contract); one barrier makes it an all-rank op.
+        dist.barrier(group=group)
+        _BATCH_READY.add(group)
+    box = _Mailbox(group, device, _expected(actions, num_stages, prev_rank, next_rank, me), prefetch, batch_p2p)
     saved: dict[tuple[int, int], tuple[dict, object]] = {}
     losses: dict[int, torch.Tensor] = {}
     fwd_s = {s: 0.0 for s in stages}
@@ -191,9 +279,20 @@ def run_pipeline(
     timeline = []
     t_start = time.perf_counter()
 
-    for a in actions:
+    split = any(a.op == "W" for a in actions)
+    params = {}
+    if split:  # leaves W computes grads for (trainable ones: frozen ones are not asked for)
+        for st, obj in stages.items():
+            if not hasattr(obj, "parameters"):
+                raise TypeError(f"pipeline: stage {st} has no parameters(), which a split-backward schedule needs")
+            params[st] = [p for p in obj.parameters() if p.requires_grad]
+    pending_w: dict[tuple[int, int], object] = {}  # (mb, stage) -> runs its W
+
+    for i, a in enumerate(actions):
         s, mb = a.stage, a.mb
         first, last = s == 0, s == num_stages - 1
+        then = _recv_of(actions[i + 1] if i + 1 < len(actions) else None, num_stages, prev_rank, next_rank)
+        # Each branch: receive, compute between t0 and t1 (the timed part), send.
         if a.op == "F":
             inputs = {} if first else box.recv(prev_rank, (ACT, mb, s))
             t0 = time.perf_counter()
@@ -209,35 +308,46 @@ def run_pipeline(
             else:
                 if not isinstance(out, Mapping):
                     raise TypeError(f"pipeline: stage {s} must return a dict of tensors, got {type(out).__name__}")
-                box.send(dict(out), next_rank, (ACT, mb, s + 1))
+                box.send(dict(out), next_rank, (ACT, mb, s + 1), then)
             saved[(mb, s)] = (inputs, out)
-        else:
+        elif a.op == "B":
             inputs, out = saved.pop((mb, s))
             grads = None if last else box.recv(next_rank, (GRAD, mb, s))
             t0 = time.perf_counter()
-            if last:
-                if out.requires_grad:
-                    torch.autograd.backward(out)
+            if split and first:  # no input grads to send: W is the whole (plain) backward
+                pending_w[(mb, s)] = functools.partial(_backward, out, grads)
+            elif split:  # input grads only; the graph stays for W
+                work = split_backward.backward_input(
+                    *_autograd_roots(out, grads), [v for v in inputs.values() if v.requires_grad], params[s]
+                )
+                pending_w[(mb, s)] = functools.partial(split_backward.backward_weight, work)
+                del work
             else:
                 _backward(out, grads)
             t1 = time.perf_counter()
             bwd_s[s] += t1 - t0
             if not first:
-                # Inputs the sender marked as needing grad, in its order; an unused one gets zeros.
-                back = {
-                    k: v.grad if v.grad is not None else torch.zeros_like(v)
-                    for k, v in inputs.items()
-                    if v.requires_grad
-                }
-                box.send(back, prev_rank, (GRAD, mb, s - 1))
+                back = _input_grads(inputs)
+                box.send(back, prev_rank, (GRAD, mb, s - 1), then)
                 del back
-            del inputs, out, grads  # free this micro-batch's activations now
+            del inputs, out, grads  # free this micro-batch's activations now (split: those W does not need)
+        elif a.op == "W":
+            if (mb, s) not in pending_w:
+                raise RuntimeError(f"pipeline: {a} runs before its B")
+            run_w = pending_w.pop((mb, s))
+            t0 = time.perf_counter()
+            run_w()
+            t1 = time.perf_counter()
+            bwd_s[s] += t1 - t0
+            del run_w  # frees the micro-batch's graph
+        else:
+            raise ValueError(f"pipeline: unknown action {a}")
         timeline.append((t0 - t_start, t1 - t_start, a))
 
     box.finish()
     total = time.perf_counter() - t_start
-    if saved:
-        raise RuntimeError(f"pipeline: forwards without a backward: {sorted(saved)}")
+    if saved or pending_w:
+        raise RuntimeError(f"pipeline: forwards without a backward: {sorted(saved)}, without W: {sorted(pending_w)}")
     busy = sum(fwd_s.values()) + sum(bwd_s.values())
     return PipelineResult(
         losses=[losses[i] for i in sorted(losses)] if losses else [],

@@ -24,15 +24,31 @@ bfloat16. Received tensors are views into the receive buffer.
 
 Peers are ranks *within* `group`. Messages between one pair of ranks are
 matched in order, so a receiver must take bundles from a peer in the order
-they were sent (the executor keeps ones it does not need yet).
+they were sent (the executor keeps ones it does not need yet), and at most
+one receive per peer may be outstanding: a second posted first-message
+receive would match the first bundle's payload.
+
+`exchange` posts one slot's sends and the next receive as one
+`batch_isend_irecv` (on accelerator backends one grouped launch, so a
+neighbour's send and receive in opposite directions cannot serialise). With
+a `stream` (a device's communication stream, `device.comm_stream`) packing
+and the transfers run on it: it first waits for the compute stream's work
+so far (the outputs being sent), tensors read or filled there are recorded
+on the stream that uses them next (`record_stream`, so the caching
+allocator does not hand their memory out early), and a received bundle is
+handed over only after the compute stream waits for the comm stream.
 """
 
 from __future__ import annotations
 
 from typing import Mapping, NamedTuple
 
+import contextlib
+
 import torch
 import torch.distributed as dist
+
+from omnitrain import device as omnitrain_device
 
 HEADER_WORDS = 512  # 4 KiB of metadata: ~45 tensors with 4-D shapes and 24-byte names
 # Payloads up to this size travel inside the first message: a tiny model's
@@ -125,6 +141,14 @@ def _global(group, peer: int) -> int:
     return peer if group is None else dist.get_global_rank(group, peer)
 
 
+def _on_comm(stream, dev: torch.device):
+    """Run what follows on the comm stream, after the compute stream's work so far; no-op without one."""
+    if stream is None:
+        return contextlib.nullcontext()
+    stream.wait_stream(omnitrain_device.current_stream(dev))
+    return omnitrain_device.use_stream(dev, stream)
+
+
 class SendHandle:
     """Outstanding sends of one bundle; keeps the buffers alive until done."""
 
@@ -141,18 +165,8 @@ class SendHandle:
         self._buffers = []
 
 
-def isend_bundle(
-    bundle: Mapping[str, torch.Tensor],
-    dst: int,
-    *,
-    group=None,
-    key: Key = (0, 0, 0),
-    device: torch.device | None = None,
-) -> SendHandle:
-    """Start sending `bundle` to group rank `dst`; returns at once."""
-    if device is None:
-        device = next(iter(bundle.values())).device if bundle else torch.device("cpu")
-    peer = _global(group, dst)
+def _send_buffers(bundle: Mapping[str, torch.Tensor], key: Key, device: torch.device, stream) -> list[torch.Tensor]:
+    """The bundle's one or two messages (header with small payload; large payload apart)."""
     first = torch.empty(_FIRST_WORDS, dtype=torch.int64, device=device)
     first[:HEADER_WORDS].copy_(encode_header(bundle, key))
     offsets, size = _offsets([(t.dtype, tuple(t.shape)) for t in bundle.values()])
@@ -163,7 +177,34 @@ def isend_bundle(
         payload = torch.empty(size, dtype=torch.uint8, device=device)
         _pack(bundle, offsets, payload)
         buffers = [first, payload]
-    works = [dist.isend(b, peer, group=group) for b in buffers]
+    if stream is not None:  # read on the comm stream: keep their memory until it is done
+        for t in bundle.values():
+            if t.device.type == device.type:
+                t.record_stream(stream)
+    return buffers
+
+
+def _device_of(bundle, device):
+    if device is None:
+        device = next(iter(bundle.values())).device if bundle else torch.device("cpu")
+    return device
+
+
+def isend_bundle(
+    bundle: Mapping[str, torch.Tensor],
+    dst: int,
+    *,
+    group=None,
+    key: Key = (0, 0, 0),
+    device: torch.device | None = None,
+    stream=None,
+) -> SendHandle:
+    """Start sending `bundle` to group rank `dst`; returns at once."""
+    device = _device_of(bundle, device)
+    peer = _global(group, dst)
+    with _on_comm(stream, device):
+        buffers = _send_buffers(bundle, key, device, stream)
+        works = [dist.isend(b, peer, group=group) for b in buffers]
     return SendHandle(works, buffers)
 
 
@@ -172,24 +213,33 @@ def send_bundle(bundle: Mapping[str, torch.Tensor], dst: int, *, group=None, key
 
 
 class RecvHandle:
-    """A bundle being received: the first message's receive is posted at creation; `wait()` does the rest."""
+    """A bundle being received: the first message's receive is posted at creation
+    (or by `exchange`, in a batch); `wait()` does the rest."""
 
-    def __init__(self, src: int, group, device: torch.device):
+    def __init__(self, src: int, group, device: torch.device, stream=None, *, post: bool = True):
         self._peer = _global(group, src)
         self._group = group
         self._device = device
-        self._first = torch.empty(_FIRST_WORDS, dtype=torch.int64, device=device)
-        self._work = dist.irecv(self._first, self._peer, group=group)
+        self._stream = stream
+        with omnitrain_device.use_stream(device, stream):
+            self._first = torch.empty(_FIRST_WORDS, dtype=torch.int64, device=device)
+            self._works = [dist.irecv(self._first, self._peer, group=group)] if post else []
 
     def wait(self) -> tuple[Key, dict[str, torch.Tensor]]:
-        self._work.wait()
-        key, metas = decode_header(self._first[:HEADER_WORDS])
-        offsets, size = _offsets([(m.dtype, m.shape) for m in metas])
-        if size <= EAGER_BYTES:
-            buf = self._first[HEADER_WORDS:].view(torch.uint8)
-        else:
-            buf = torch.empty(size, dtype=torch.uint8, device=self._device)
-            dist.irecv(buf, self._peer, group=self._group).wait()
+        with omnitrain_device.use_stream(self._device, self._stream):
+            for w in self._works:
+                w.wait()
+            key, metas = decode_header(self._first[:HEADER_WORDS])  # the host needs the shapes: it syncs here
+            offsets, size = _offsets([(m.dtype, m.shape) for m in metas])
+            if size <= EAGER_BYTES:
+                buf = self._first[HEADER_WORDS:].view(torch.uint8)
+            else:
+                buf = torch.empty(size, dtype=torch.uint8, device=self._device)
+                dist.irecv(buf, self._peer, group=self._group).wait()
+        if self._stream is not None:  # compute uses the bundle next: after the comm stream, and keeping its memory
+            compute = omnitrain_device.current_stream(self._device)
+            compute.wait_stream(self._stream)
+            buf.record_stream(compute)
         bundle = {}
         for off, m in zip(offsets, metas):
             n = torch.Size(m.shape).numel() * m.dtype.itemsize
@@ -200,9 +250,44 @@ class RecvHandle:
         return key, bundle
 
 
-def irecv_bundle(src: int, *, group=None, device: torch.device | None = None) -> RecvHandle:
+def exchange(
+    sends: list[tuple[Mapping[str, torch.Tensor], int, Key]],
+    recv_from: int | None,
+    *,
+    group=None,
+    device: torch.device,
+    stream=None,
+) -> tuple[list[SendHandle], RecvHandle | None]:
+    """Post `sends` ((bundle, group rank, key) each) and the first message of the next
+    bundle from `recv_from` as one batch_isend_irecv; returns their handles.
+
+    A large bundle's payload is received after its header is read (its size is
+    in the header), so only the first message of the receive joins the batch.
+    """
+    ops, spans, handles = [], [], []
+    with _on_comm(stream, device):
+        for bundle, dst, key in sends:
+            buffers = _send_buffers(bundle, key, device, stream)
+            peer = _global(group, dst)
+            spans.append((len(ops), len(buffers)))
+            ops += [dist.P2POp(dist.isend, b, peer, group) for b in buffers]
+            handles.append(buffers)
+        recv = None
+        if recv_from is not None:
+            recv = RecvHandle(recv_from, group, device, stream, post=False)
+            ops.append(dist.P2POp(dist.irecv, recv._first, recv._peer, group))
+        works = dist.batch_isend_irecv(ops) if ops else []
+    # Backends that coalesce the batch return one work for all of it.
+    per_op = len(works) == len(ops)
+    out = [SendHandle(works[i : i + n] if per_op else works, bufs) for (i, n), bufs in zip(spans, handles)]
+    if recv is not None:
+        recv._works = works[-1:] if per_op else works
+    return out, recv
+
+
+def irecv_bundle(src: int, *, group=None, device: torch.device | None = None, stream=None) -> RecvHandle:
     """Post the receive of the next bundle from group rank `src`."""
-    return RecvHandle(src, group, device or torch.device("cpu"))
+    return RecvHandle(src, group, device or torch.device("cpu"), stream)
 
 
 def recv_bundle(src: int, *, group=None, device: torch.device | None = None) -> tuple[Key, dict[str, torch.Tensor]]:

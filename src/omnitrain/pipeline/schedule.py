@@ -1,7 +1,10 @@
 """Pipeline schedules as pure per-rank action lists, and a simulator.
 
 An action is (op, micro-batch, stage): op "F" runs a stage's forward on one
-micro-batch, "B" its backward. Communication is implied by the action and is
+micro-batch, "B" its backward. Zero-bubble schedules split the backward: "B"
+then computes only the grads of the stage's inputs (what the previous stage
+waits for) and "W" later the grads of its weights (which nobody waits for, so
+it can fill the idle slots). Communication is implied by the action and is
 what `omnitrain.pipeline.executor` does:
 
 - F on a stage other than the first first receives the activations of the
@@ -19,7 +22,8 @@ r, r + p, ..., r + (v-1) p (the looping placement of Megatron-LM).
 
 `simulate` replays a schedule under exactly those rules, finds deadlocks, and
 reports the timeline and the peak number of micro-batches whose activations a
-rank holds (forwarded, not yet backwarded) - the memory a schedule costs.
+rank holds (forwarded, not yet backwarded; with a split backward, not yet
+weight-backwarded: W needs them) - the memory a schedule costs.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import NamedTuple, Sequence
 
 
 class Action(NamedTuple):
-    op: str  # "F" | "B"
+    op: str  # "F" | "B" | "W" (B is the whole backward unless the schedule has W actions)
     mb: int
     stage: int
 
@@ -50,6 +54,11 @@ class Schedule:
 
     def stages_of(self, rank: int) -> list[int]:
         return list(range(rank, self.num_stages, self.num_ranks))
+
+    @property
+    def splits_backward(self) -> bool:
+        """Whether B is input-grads only, with a separate W (weight-grads) action."""
+        return any(a.op == "W" for acts in self.actions for a in acts)
 
 
 def _check_sizes(p: int, m: int, v: int = 1) -> None:
@@ -130,6 +139,60 @@ def interleaved_warmup(p: int, m: int, v: int, rank: int) -> int:
     return min((v - 1) * _groups(m, p)[0] + 2 * (p - 1 - rank), m * v)
 
 
+def zero_bubble(p: int, m: int) -> Schedule:
+    """ZB-H1 (Qi et al., "Zero Bubble Pipeline Parallelism"): 1F1B's peak memory, a third of its bubble.
+
+    Every rank keeps 1F1B's order of F and B; only the weight-grad passes
+    (W) move: a rank runs one whenever its next F or B could not start yet
+    (input not arrived) or would put more than min(m, p) micro-batches in
+    flight (counted until their W: it needs the activations), and the rest
+    at the end. min(m, p) is 1F1B's worst rank (rank 0), so the peak over
+    ranks stays 1F1B's; later ranks hold more than under 1F1B (that is
+    where the delayed W's come from). Input grads now travel one B (not
+    B + W) per stage, which shortens the drain.
+
+    The order comes from replaying the ranks in time with F = B = W (the
+    paper's assumption). Any order the simulator accepts is deadlock-free
+    for every cost (messages are the only dependencies), so other costs only
+    move the bubbles. With F = B = W the bubble is (p - 1) x (F + B - W) =
+    (p - 1) F instead of 1F1B's 3 (p - 1) F.
+    """
+    _check_sizes(p, m)
+    order = one_f_one_b(p, m).actions
+    limit = min(m, p)
+    pos, nf, nb, nw = [0] * p, [0] * p, [0] * p, [0] * p
+    clock = [0] * p  # unit costs: every event is at an integer time
+    done: dict[Action, int] = {}  # F/B action -> end time
+    acts: list[list[Action]] = [[] for _ in range(p)]
+    while any(nw[r] < m for r in range(p)):
+        # Advance the rank furthest behind in time: whatever it still waits
+        # for ends after its clock, so a decision taken now is final.
+        r = min((k for k in range(p) if nw[k] < m), key=lambda k: clock[k])
+        t = clock[r]
+        nxt = order[r][pos[r]] if pos[r] < len(order[r]) else None
+        ready = None  # when nxt could start; None: not known yet, or not allowed now
+        if nxt is not None and not (nxt.op == "F" and nf[r] - nw[r] >= limit):
+            dep = _needs(nxt, p)
+            ready = t if dep is None else done.get(dep)
+        if ready is not None and ready <= t:
+            acts[r].append(nxt)
+            done[nxt] = t + 1
+            pos[r] += 1
+            nf[r] += nxt.op == "F"
+            nb[r] += nxt.op == "B"
+            clock[r] = t + 1
+        elif nw[r] < nb[r]:  # would wait: fill the slot with a weight-grad pass
+            acts[r].append(Action("W", nw[r], r))
+            nw[r] += 1
+            clock[r] = t + 1
+        else:  # idle until the awaited message, or until another rank has moved on
+            later = [clock[k] for k in range(p) if k != r and nw[k] < m and clock[k] > t]
+            if ready is not None and ready > t:
+                later.append(ready)
+            clock[r] = min(later) if later else t + 1
+    return Schedule("zero_bubble", p, p, m, tuple(tuple(a) for a in acts))
+
+
 def build(name: str, num_ranks: int, num_microbatches: int, virtual_stages: int = 1) -> Schedule:
     if name == "gpipe":
         return gpipe(num_ranks, num_microbatches)
@@ -137,7 +200,9 @@ def build(name: str, num_ranks: int, num_microbatches: int, virtual_stages: int 
         return one_f_one_b(num_ranks, num_microbatches)
     if name == "interleaved_1f1b":
         return interleaved_1f1b(num_ranks, num_microbatches, virtual_stages)
-    raise ValueError(f"unknown pipeline schedule {name!r}: use gpipe, 1f1b or interleaved_1f1b")
+    if name == "zero_bubble":
+        return zero_bubble(num_ranks, num_microbatches)
+    raise ValueError(f"unknown pipeline schedule {name!r}: use gpipe, 1f1b, interleaved_1f1b or zero_bubble")
 
 
 # --------------------------------------------------------------------------- simulator
@@ -150,7 +215,7 @@ class DeadlockError(RuntimeError):
 @dataclass(frozen=True)
 class SimResult:
     makespan: float
-    peak_in_flight: tuple[int, ...]  # per rank: max (micro-batch, stage) pairs forwarded, not yet backwarded
+    peak_in_flight: tuple[int, ...]  # per rank: max (micro-batch, stage) pairs forwarded, not yet (weight-)backwarded
     timeline: tuple[tuple[tuple[float, float, Action], ...], ...]  # per rank: (start, end, action)
     busy: tuple[float, ...]  # per rank: compute time
 
@@ -160,14 +225,15 @@ class SimResult:
 
 
 def check(schedule: Schedule) -> None:
-    """Every (micro-batch, stage) has one F and one B, on the stage's rank, F first."""
+    """Every (micro-batch, stage) has one F and one B (and one W if any), on the stage's rank, in that order."""
     s = schedule
+    split = s.splits_backward
     if len(s.actions) != s.num_ranks:
         raise ValueError(f"{s.name}: {len(s.actions)} action lists for {s.num_ranks} ranks")
     seen = set()
     for r, acts in enumerate(s.actions):
         for a in acts:
-            if a.op not in ("F", "B") or not 0 <= a.mb < s.num_microbatches or not 0 <= a.stage < s.num_stages:
+            if a.op not in ("F", "B", "W") or not 0 <= a.mb < s.num_microbatches or not 0 <= a.stage < s.num_stages:
                 raise ValueError(f"{s.name}: rank {r} has an invalid action {a}")
             if s.rank_of(a.stage) != r:
                 raise ValueError(f"{s.name}: {a} is on rank {r}, but stage {a.stage} runs on rank {s.rank_of(a.stage)}")
@@ -175,8 +241,10 @@ def check(schedule: Schedule) -> None:
                 raise ValueError(f"{s.name}: {a} appears twice")
             if a.op == "B" and Action("F", a.mb, a.stage) not in seen:
                 raise ValueError(f"{s.name}: rank {r} runs {a} before its forward")
+            if a.op == "W" and Action("B", a.mb, a.stage) not in seen:
+                raise ValueError(f"{s.name}: rank {r} runs {a} before its input-grad backward")
             seen.add(a)
-    want = 2 * s.num_microbatches * s.num_stages
+    want = (3 if split else 2) * s.num_microbatches * s.num_stages
     if len(seen) != want:
         raise ValueError(f"{s.name}: {len(seen)} actions, expected {want}")
 
@@ -185,6 +253,8 @@ def _needs(a: Action, num_stages: int) -> Action | None:
     """The action on another stage whose message `a` waits for, if any."""
     if a.op == "F":
         return Action("F", a.mb, a.stage - 1) if a.stage > 0 else None
+    if a.op == "W":  # local: the rank's own B came before it (check)
+        return None
     return Action("B", a.mb, a.stage + 1) if a.stage < num_stages - 1 else None
 
 
@@ -194,15 +264,25 @@ def simulate(
     fwd: float | Sequence[float] = 1.0,
     bwd: float | Sequence[float] = 2.0,
     latency: float = 0.0,
+    weight_share: float | Sequence[float] = 0.5,
 ) -> SimResult:
     """Replay `schedule` with per-stage forward/backward costs; raise DeadlockError if it hangs.
 
-    `latency` is added to every message between different ranks.
+    `bwd` is a stage's whole backward; a schedule that splits it spends
+    `weight_share` of it in W and the rest in B, so split and unsplit
+    schedules compare on the same work. `latency` is added to every message
+    between different ranks.
     """
     check(schedule)
     n = schedule.num_stages
     f = [fwd] * n if isinstance(fwd, (int, float)) else list(fwd)
     b = [bwd] * n if isinstance(bwd, (int, float)) else list(bwd)
+    split = schedule.splits_backward
+    share = [weight_share] * n if isinstance(weight_share, (int, float)) else list(weight_share)
+    w = [x * y for x, y in zip(b, share)] if split else [0.0] * n
+    b = [x - y for x, y in zip(b, w)]
+    cost = {"F": f, "B": b, "W": w}
+    release = "W" if split else "B"  # the action after which a micro-batch's activations are freed
     p = schedule.num_ranks
     done: dict[Action, float] = {}
     pos = [0] * p
@@ -224,11 +304,11 @@ def simulate(
                         break
                     hop = latency if schedule.rank_of(dep.stage) != r else 0.0
                     ready = max(ready, done[dep] + hop)
-                end = ready + (f[a.stage] if a.op == "F" else b[a.stage])
+                end = ready + cost[a.op][a.stage]
                 done[a] = end
                 clock[r] = end
                 timeline[r].append((ready, end, a))
-                in_flight[r] += 1 if a.op == "F" else -1
+                in_flight[r] += 1 if a.op == "F" else -1 if a.op == release else 0
                 peak[r] = max(peak[r], in_flight[r])
                 pos[r] += 1
                 progress = True
