@@ -107,6 +107,10 @@ def check_layout(cfg, family=None) -> list[StagePlan]:
     if cfg.parallel.fsdp.mixed_precision not in ("none", "bf16"):
         raise ConfigError(f"parallel.fsdp.mixed_precision={cfg.parallel.fsdp.mixed_precision!r}: use none or bf16")
     family = family or build_family(cfg.model)
+    from omnitrain.plan.layout import is_auto, resolve_auto
+
+    if is_auto(cfg):  # the planner picks the split (and sizes): stored in cfg, so the run's config repeats it
+        log.warning("%s", resolve_auto(cfg, family))
     sizes = Sizes.from_cfg(cfg, family.module_names, model=f"model={cfg.model.name}")
     if cfg.parallel.sequence_parallel and sizes.tp[LLM] == 1:
         raise ConfigError(
