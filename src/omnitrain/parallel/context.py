@@ -437,15 +437,17 @@ class ParallelContext:
         )
         loss = torch.stack(res.losses).sum() if res.losses else torch.zeros(())
         # Per-stage times, gathered so the logging rank reports every stage.
-        t = torch.zeros(3, self.pp_size, dtype=torch.float64)
+        t = torch.zeros(4, self.pp_size, dtype=torch.float64)
         t[0, self.pp_rank] = sum(res.forward_s.values())
         t[1, self.pp_rank] = sum(res.backward_s.values())
         t[2, self.pp_rank] = res.idle_s / max(res.total_s, 1e-9)
+        t[3, self.pp_rank] = device.peak_memory_bytes(trainer.dev) / 2**30
         dist.all_reduce(t, group=self.pp_group)
         extra = {
             "stage_forward_s": [round(v, 4) for v in t[0].tolist()],
             "stage_backward_s": [round(v, 4) for v in t[1].tolist()],
             "bubble": float(t[2].mean()),
+            "stage_peak_mem_gib": [round(v, 4) for v in t[3].tolist()],  # for sweep reports (omnitrain.report)
         }
         return loss, extra
 
