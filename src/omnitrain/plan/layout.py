@@ -153,7 +153,7 @@ def _auto_parallel(cfg, family, load, tm) -> str:
                         family, segments_for(cfg), load, micro=micro, dtype_bytes=cost.dtype_bytes(cfg), time_model=tm, tp=tp,
                         fsdp={k: sizes.dp_of(k) for k in tp} if cfg.parallel.dp_mode == "fsdp" else None,
                     )
-                    split = search.auto_split(cm, pp, schedule=schedule, m=m, memory_cap=cap) if pp > 1 else {k: [d] for k, d in family.depths.items()}
+                    split = search.best_split(cm, pp, schedule=schedule, m=m, memory_cap=cap) if pp > 1 else {k: [d] for k, d in family.depths.items()}
                     if split is None:
                         continue
                     plans = validate_layout(pp, split, family.depths, num_microbatches=m, schedule=schedule)
@@ -162,12 +162,16 @@ def _auto_parallel(cfg, family, load, tm) -> str:
                         continue
                     key = (round(pred.step_s, 12), pp, t_llm, t_enc, -micro)
                     if best is None or key < best[0]:
-                        best = (key, pp, tp, micro, schedule, split, pred, sizes)
+                        best = (key, pp, tp, micro, schedule, split, pred, sizes, cm, m)
     if best is None:
         raise ConfigError(
             f"parallel=auto: no layout of {world} ranks fits plan.memory_gib={cfg.plan.memory_gib}: raise plan.memory_gib or the world size"
         )
-    _, pp, tp, micro, schedule, split, pred, sizes = best
+    _, pp, tp, micro, schedule, split, pred, sizes, cm, m = best
+    if pp > 1:  # the winner's split, refined for step time (the candidates compared by their balanced split)
+        split = search.refine(cm, split, pp, schedule=schedule, m=m, memory_cap=cap)
+        plans = validate_layout(pp, split, family.depths, num_microbatches=m, schedule=schedule)
+        pred = cost.predict(cm, plans, schedule=schedule, pp=pp, m=m)
     with open_dict(cfg):
         cfg.parallel.pp.size = pp
         cfg.parallel.pp.schedule = schedule
