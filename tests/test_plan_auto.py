@@ -100,13 +100,13 @@ def test_cost_model_follows_the_family():
 
 
 def test_parallel_auto_picks_sizes_for_the_world():
-    cfg = plan.compose(["model=qwen25_omni_7b", "parallel=auto", "plan.world_size=8", "plan.memory_gib=80",
+    cfg = plan.compose(["model=qwen25_omni_7b", "parallel=auto", "plan.world_size=4", "plan.memory_gib=80",
                         "train.global_batch_size=16", *FAMILIES["qwen25_omni"]])
     family = build_family(cfg.model)
     plans = check_layout(cfg, family)
     sizes = Sizes.from_cfg(cfg, family.module_names)
-    assert sizes.world == 8 and len(plans) == sizes.pp
-    again = plan.compose(["model=qwen25_omni_7b", "parallel=auto", "plan.world_size=8", "plan.memory_gib=80",
+    assert sizes.world == 4 and len(plans) == sizes.pp
+    again = plan.compose(["model=qwen25_omni_7b", "parallel=auto", "plan.world_size=4", "plan.memory_gib=80",
                           "train.global_batch_size=16", *FAMILIES["qwen25_omni"]])
     check_layout(again, family)
     assert again.parallel == cfg.parallel and again.train.micro_batch_size == cfg.train.micro_batch_size

@@ -1,8 +1,8 @@
 """`python -m omnitrain.plan [overrides] [--compare RUN_DIR]`: the planner.
 
-    python -m omnitrain.plan model=qwen25_omni_7b parallel=pp4_hetero
-    python -m omnitrain.plan model=qwen25_omni_7b parallel=pp4_hetero parallel.pp.layers=auto
-    python -m omnitrain.plan model=qwen25_vl_72b parallel=vl72b_pp8_tp2 data=demo_vl train.global_batch_size=16
+    python -m omnitrain.plan model=<model> parallel=<layout>
+    python -m omnitrain.plan model=<model> parallel=<layout> parallel.pp.layers=auto
+    python -m omnitrain.plan model=<model> parallel=<layout> data=<data> train.global_batch_size=16
     python -m omnitrain.plan parallel=auto plan.world_size=8 plan.memory_gib=64
     python -m omnitrain.plan plan.tokens.image=1024 plan.tokens.text=300 ...   # explicit tokens, no data scan
     python -m omnitrain.plan plan.calibrate=true parallel=pp4_uniform          # time each layer type here, fit
