@@ -13,7 +13,8 @@ the layers two at a time. Every timed call is one observation
 
 (per module the set-up a stage pays once: positions, masks, window
 indices; per layer type a fixed cost and a cost per FLOP), solved by
-non-negative least squares, forward and backward separately. Threads are
+non-negative least squares, forward and backward separately; each segment's
+time is the faster of two runs. Threads are
 set as a worker of the configured layout gets them (launch._worker_threads).
 """
 
@@ -28,6 +29,7 @@ from omnitrain.plan.cost import CostModel, Fit, Load, Roofline, sample_load
 
 WARMUP = 1
 BATCHES = 3
+REPEATS = 2
 
 
 def _chains(family) -> list[list]:
@@ -95,7 +97,9 @@ def _run_chain(family, model, chain, mb, n_label, dev, dtype):
         sync()
         bwd.append(time.perf_counter() - t0)
         grads = {k: (v.grad if v.grad is not None else torch.zeros_like(v)) for k, v in inputs.items() if torch.is_tensor(v) and v.requires_grad}
-    model.zero_grad(set_to_none=True)
+    # Zeroed, not freed: a stage's later micro-batches add into allocated grads
+    # (freeing them made every timed backward pay the first micro-batch's allocation).
+    model.zero_grad(set_to_none=False)
     return fwd, bwd[::-1]
 
 
@@ -161,9 +165,13 @@ def calibrate(cfg, family) -> Fit:
             cm = CostModel(family, segs, Load(_mb_load(family, mb), "micro-batch"), micro=1, dtype_bytes=4,
                            time_model=Roofline(1.0, 1.0, 1.0, 1.0))
             for chain in chains:
-                fwd, bwd = _run_chain(family, model, chain, mb, n_label, dev, dtype)
                 if i < WARMUP:
+                    _run_chain(family, model, chain, mb, n_label, dev, dtype)
                     continue
+                # the faster of REPEATS runs per segment: robust to other work on the machine
+                runs = [_run_chain(family, model, chain, mb, n_label, dev, dtype) for _ in range(REPEATS)]
+                fwd = [min(r[0][j] for r in runs) for j in range(len(chain))]
+                bwd = [min(r[1][j] for r in runs) for j in range(len(chain))]
                 for sp, tf, tb in zip(chain, fwd, bwd):
                     row = np.zeros(len(mods) + 2 * len(types))
                     row[mods.index(next(m for m in mods if sp.has(m)))] = 1.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf, open_dict
 
 from omnitrain.config import ConfigError, PlanConfig
@@ -24,7 +25,7 @@ def run_config(run_dir: Path, overrides):
             key, sep, value = ov.partition("=")
             if not sep:
                 raise ConfigError(f"--compare: override {ov!r} is not key=value")
-            OmegaConf.update(cfg, key.lstrip("+"), OmegaConf.create({"v": value}).v if value else None, merge=True)
+            OmegaConf.update(cfg, key.lstrip("+"), yaml.safe_load(value) if value else None, merge=True)
     return cfg
 
 

@@ -66,7 +66,8 @@ def memory_cap(cfg) -> float | None:
 
 
 def is_auto(cfg) -> bool:
-    return cfg.parallel.name == "auto" or (isinstance(cfg.parallel.pp.layers, str) and cfg.parallel.pp.layers == "auto")
+    """`parallel.pp.layers=auto` (also what conf/parallel/auto.yaml sets); false once resolved."""
+    return isinstance(cfg.parallel.pp.layers, str)
 
 
 def resolve_auto(cfg, family) -> str:
@@ -211,12 +212,11 @@ def stage_report(cfg, family, plans, sizes, load=None, tm=None) -> tuple[str, co
     for p, sc in zip(plans, pred.stages):
         held = [f"{mod} {rg.start}-{rg.stop - 1}" for mod, rg in p.layers.items() if len(rg)]
         extras = [k for k in ("merge", "head") if getattr(p, k)]
-        fl = in_fl = cost.in_flight(pp.schedule, pp.size, m, p.rank, pp.virtual_stages)
+        in_fl = cost.in_flight(pp.schedule, pp.size, m, p.rank, pp.virtual_stages)
         rows.append([
             str(p.index), ", ".join(held + extras), f"{sc.flops / 1e12:.3g}", f"{sc.act_bytes / GIB:.2f} x{in_fl}",
             f"{sc.state_bytes / GIB:.2f}", _fmt_t(sc.fwd), _fmt_t(sc.bwd), _fmt_t(sc.fwd + sc.bwd),
         ])
-        del fl
     tok = ", ".join(f"{k} {v:.0f}" for k, v in load.tokens.items() if not k.endswith("_items"))
     lines = [
         f"tokens per sample ({load.source}): {tok}; micro-batch {cfg.train.micro_batch_size} samples, {m} per step",
