@@ -29,6 +29,9 @@ WITH = {
     "vl32b_pp8_tp2": ["model=qwen25_vl_32b", "train.global_batch_size=8"],
     "vl72b_pp8_tp2": ["model=qwen25_vl_72b", "train.global_batch_size=8"],
     "pp4_tp2_hetero": ["train.global_batch_size=8"],
+    # the planner's presets, on explicit token counts (no data scan)
+    "pp4_auto": ["plan.tokens.image=16", "plan.tokens.audio=50", "plan.tokens.text=60"],
+    "auto": ["plan.world_size=4", "plan.tokens.image=16", "plan.tokens.audio=50", "plan.tokens.text=60"],
 }
 
 
@@ -39,6 +42,7 @@ def test_every_yaml_composes(group, option):
     if group == "parallel":
         plans = check_layout(cfg)
         assert len(plans) == cfg.parallel.pp.size * cfg.parallel.pp.virtual_stages
+        assert not isinstance(cfg.parallel.pp.layers, str)  # auto was resolved
 
 
 def test_unknown_key_fails_naming_it():

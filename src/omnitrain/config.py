@@ -139,12 +139,48 @@ class TrainConfig:
 
 
 @dataclass
+class PlanTokens:
+    """LLM tokens of one sample by kind; any set = these numbers instead of a data scan."""
+
+    image: Optional[float] = None
+    video: Optional[float] = None
+    audio: Optional[float] = None
+    text: Optional[float] = None
+    # items of a kind per sample (an image of 1,000 tokens attends over 1,000; two of 500 over 500 each)
+    image_items: float = 1
+    video_items: float = 1
+    audio_items: float = 1
+
+
+@dataclass
+class PlanConfig:
+    """The planner (`python -m omnitrain.plan`, `parallel.pp.layers=auto`, `parallel=auto`)."""
+
+    # LLM tokens per sample by kind; all null = scan the data config's samples.
+    tokens: PlanTokens = field(default_factory=PlanTokens)
+    stat: str = "mean"  # mean | p90: which statistic of the scanned samples the plan uses
+    scan_samples: int = 256  # samples the scan reads (the first of the data order)
+    # Time each layer type on this machine's device and fit the cost model;
+    # false = a roofline of the numbers below.
+    calibrate: bool = False
+    peak_tflops: float = 313.0  # dense bf16 TFLOP/s of one device (Ascend 910B; A100 312, H100 989)
+    efficiency: float = 0.45  # share of the peak a layer reaches
+    mem_gbps: float = 1600.0  # device memory bandwidth, GB/s
+    link_gbps: float = 100.0  # TP all-reduce bus bandwidth, GB/s
+    # Memory per device the auto layouts must fit (GiB); null = no cap.
+    memory_gib: Optional[float] = None
+    # World size parallel=auto plans for; null = $WORLD_SIZE (torchrun), else required.
+    world_size: Optional[int] = None
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     parallel: ParallelConfig = MISSING
     data: DataConfig = MISSING
     optim: OptimConfig = MISSING
     train: TrainConfig = MISSING
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 def register_configs() -> None:

@@ -78,6 +78,27 @@ MEDIA = {
 
 
 @dataclass(frozen=True)
+class Work:
+    """What one sample asks of one layer (planner, plan/cost.py): tokens
+    (patches, audio frames, LLM positions) through it, and the (query, key)
+    pairs its attention scores."""
+
+    tokens: float
+    pairs: float = 0.0
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Forward cost of one segment for one sample: FLOPs, bytes moved
+    (weights read, activations read and written) and activation bytes kept
+    for the backward."""
+
+    flops: float
+    bytes: float
+    act: float
+
+
+@dataclass(frozen=True)
 class ChatSpec:
     """What the data pipeline needs to lay out a sample for this family."""
 
@@ -376,6 +397,52 @@ class ModelFamily:
     def tp_sizes(self) -> dict[str, dict[str, int]]:
         """Per module, the sizes its TP size must divide (named for the error message)."""
         raise NotImplementedError
+
+    # ---- cost model [planner hooks] (plan/cost.py) --------------------------
+    # `load` is one sample's LLM tokens per media kind ("image", "video",
+    # "audio"; "<kind>_items" items of that kind) and "text" (the rest).
+    def layer_type(self, module: str, index: int) -> str:
+        """Layers of one type cost the same per unit of work (the planner fits
+        and reports per type): one type per module unless the family says more."""
+        return module
+
+    def layer_width(self, module: str) -> int:
+        """Hidden size of `module`'s layers (attention FLOPs, activation bytes)."""
+        raise NotImplementedError
+
+    def layer_work(self, module: str, index: int, load: Mapping[str, float]) -> Work:
+        """Tokens and attention pairs of layer `index` of `module` for one sample."""
+        raise NotImplementedError
+
+    def part_work(self, module: str, part: str, load: Mapping[str, float]) -> Work:
+        """Tokens through `module`'s pre or post part for one sample."""
+        raise NotImplementedError
+
+    def layer_cost(self, module: str, index: int, work: Work, params: int, dtype_bytes: int) -> Cost:
+        """Forward cost of one layer. Dense default: 2 FLOPs per weight per
+        token, 4 x width per attention pair (QK^T and AV); weights read once,
+        ~17 width-sized activations per token kept (Megatron's 34 bytes per
+        token and width at 16 bit, without the score matrix, which SDPA does
+        not keep). A MoE family counts only the active experts' weights."""
+        w = self.layer_width(module)
+        flops = 2.0 * params * work.tokens + 4.0 * w * work.pairs
+        act = 17.0 * w * work.tokens * dtype_bytes
+        return Cost(flops, params * dtype_bytes + 2 * act, act)
+
+    def part_cost(self, module: str, part: str, work: Work, params: int, dtype_bytes: int) -> Cost:
+        """Forward cost of a pre or post part: dense (2 FLOPs per weight per
+        token) except the decoder's pre (the merge), an embedding gather, and
+        the decoder's post, whose fp32 logits and their grad are kept."""
+        w = self.layer_width(module)
+        if module == self.decoder and part == "pre":
+            io = work.tokens * w * dtype_bytes
+            return Cost(0.0, 3 * io, io)
+        flops = 2.0 * params * work.tokens
+        if module == self.decoder and part == "post":
+            logits = work.tokens * (params / max(w, 1)) * 4  # fp32 logits, (params / width) = vocab
+            return Cost(flops + 6 * logits / 4, params * dtype_bytes + 3 * logits, 2 * logits)
+        act = 4.0 * w * work.tokens * dtype_bytes
+        return Cost(flops, params * dtype_bytes + 2 * act, act)
 
     def language_model(self, model: nn.Module) -> nn.Module:
         return model.model.language_model

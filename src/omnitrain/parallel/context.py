@@ -107,6 +107,10 @@ def check_layout(cfg, family=None) -> list[StagePlan]:
     if cfg.parallel.fsdp.mixed_precision not in ("none", "bf16"):
         raise ConfigError(f"parallel.fsdp.mixed_precision={cfg.parallel.fsdp.mixed_precision!r}: use none or bf16")
     family = family or build_family(cfg.model)
+    from omnitrain.plan.layout import is_auto, resolve_auto
+
+    if is_auto(cfg):  # the planner picks the split (and sizes): stored in cfg, so the run's config repeats it
+        log.warning("%s", resolve_auto(cfg, family))
     sizes = Sizes.from_cfg(cfg, family.module_names, model=f"model={cfg.model.name}")
     if cfg.parallel.sequence_parallel and sizes.tp[LLM] == 1:
         raise ConfigError(
@@ -441,15 +445,17 @@ class ParallelContext:
         )
         loss = torch.stack(res.losses).sum() if res.losses else torch.zeros(())
         # Per-stage times, gathered so the logging rank reports every stage.
-        t = torch.zeros(3, self.pp_size, dtype=torch.float64)
+        t = torch.zeros(4, self.pp_size, dtype=torch.float64)
         t[0, self.pp_rank] = sum(res.forward_s.values())
         t[1, self.pp_rank] = sum(res.backward_s.values())
         t[2, self.pp_rank] = res.idle_s / max(res.total_s, 1e-9)
+        t[3, self.pp_rank] = device.peak_memory_bytes(trainer.dev) / 2**30
         dist.all_reduce(t, group=self.pp_group)
         extra = {
             "stage_forward_s": [round(v, 4) for v in t[0].tolist()],
             "stage_backward_s": [round(v, 4) for v in t[1].tolist()],
             "bubble": float(t[2].mean()),
+            "stage_peak_mem_gib": [round(v, 4) for v in t[3].tolist()],  # for sweep reports (omnitrain.report)
         }
         return loss, extra
 

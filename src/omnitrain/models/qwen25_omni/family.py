@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from omnitrain.models.family import ChatSpec, ModelFamily, ModuleSpec
+from omnitrain.models.family import ChatSpec, ModelFamily, ModuleSpec, Work
 from omnitrain.models.qwen2_vl.family import LLM, LLM_TP_PLAN, VISION
 from omnitrain.models.qwen25_omni.template import interleave_video_audio
 from omnitrain.models.qwen25_vl.family import Qwen25VL
@@ -173,6 +173,32 @@ class Qwen25OmniThinker(Qwen25VL):
             rows.append(pos)
             i = {k: i[k] + n[k] for k in i}
         return torch.cat(rows, dim=1)
+
+    # ---- cost model [planner hooks] -------------------------------------------
+    def layer_width(self, module: str) -> int:
+        if module == "audio":
+            return int(self.hf_config.audio_config.d_model)
+        return super().layer_width(module)
+
+    @staticmethod
+    def audio_frames(load) -> tuple[float, float]:
+        """(items, encoder frames per item) of one sample: an audio token is 2
+        frames after the stride-2 conv (4 mel frames), pooled by 2."""
+        tok, n = float(load.get("audio", 0)), float(load.get("audio_items", 1)) or 1.0
+        return n, 2 * tok / n
+
+    def layer_work(self, module, index, load) -> Work:
+        if module != "audio":
+            return super().layer_work(module, index, load)
+        n, frames = self.audio_frames(load)
+        # attention within chunks of n_window frames (2 n_window mel frames)
+        return Work(n * frames, n * frames * min(frames, float(self.hf_config.audio_config.n_window)))
+
+    def part_work(self, module, part, load) -> Work:
+        if module != "audio":
+            return super().part_work(module, part, load)
+        n, frames = self.audio_frames(load)
+        return Work(n * frames if part == "pre" else float(load.get("audio", 0)))
 
     def tp_sizes(self) -> dict[str, dict[str, int]]:
         a = self.hf_config.audio_config

@@ -79,6 +79,24 @@ class Qwen25VL(Qwen2VL):
         )
         return pos
 
+    # ---- cost model [planner hooks] -------------------------------------------
+    def layer_type(self, module: str, index: int) -> str:
+        if module == "vision":
+            return "vision_full" if index in self.hf_config.vision_config.fullatt_block_indexes else "vision_window"
+        return module
+
+    def layer_width(self, module: str) -> int:
+        if module == "vision":
+            return int(self.hf_config.vision_config.hidden_size)
+        return super().layer_width(module)
+
+    def vision_span(self, index: int, per_item: float) -> float:
+        """Window blocks attend within windows of (window_size / patch_size)^2 patches."""
+        v = self.hf_config.vision_config
+        if index in v.fullatt_block_indexes:
+            return per_item
+        return min(per_item, float((v.window_size // v.patch_size) ** 2))
+
     def tp_sizes(self) -> dict[str, dict[str, int]]:
         v = self.hf_config.vision_config
         return {"vision": {"num_heads": v.num_heads, "intermediate_size": v.intermediate_size}, "llm": self.llm_tp_sizes()}

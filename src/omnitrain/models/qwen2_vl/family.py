@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from omnitrain.models.family import MEDIA, ChatSpec, ModelFamily, ModuleSpec
+from omnitrain.models.family import MEDIA, ChatSpec, ModelFamily, ModuleSpec, Work
 
 VISION = ModuleSpec(
     name="vision",
@@ -178,3 +178,42 @@ class Qwen2VL(ModelFamily):
         kv = c.num_key_value_heads * (h // c.num_attention_heads)
         per_layer = h * h * 2 + h * kv * 2 + 3 * h * i
         return 6.0 * (L * per_layer + h * v)
+
+    # ---- cost model [planner hooks] -------------------------------------------
+    def layer_width(self, module: str) -> int:
+        if module == "vision":
+            return int(self.hf_config.vision_config.embed_dim)
+        return int(self.hf_config.text_config.hidden_size)
+
+    def vision_items(self, load) -> list[tuple[float, float]]:
+        """(items, patches per item) of each visual kind of one sample: an LLM
+        token is spatial_merge_size^2 patches."""
+        m2 = self.hf_config.vision_config.spatial_merge_size ** 2
+        out = []
+        for kind in ("image", "video"):
+            tok, n = float(load.get(kind, 0)), float(load.get(f"{kind}_items", 1)) or 1.0
+            if tok:
+                out.append((n, tok * m2 / n))
+        return out
+
+    @staticmethod
+    def sequence(load) -> float:
+        return float(sum(load.get(k, 0) for k in ("text", "image", "video", "audio")))
+
+    def vision_span(self, index: int, per_item: float) -> float:
+        """Patches one vision patch attends to in block `index`: its whole item."""
+        return per_item
+
+    def layer_work(self, module, index, load) -> Work:
+        if module == "vision":
+            items = self.vision_items(load)
+            return Work(sum(n * p for n, p in items), sum(n * p * self.vision_span(index, p) for n, p in items))
+        seq = self.sequence(load)
+        return Work(seq, seq * seq / 2)  # causal
+
+    def part_work(self, module, part, load) -> Work:
+        if module == "vision":
+            patches = sum(n * p for n, p in self.vision_items(load))
+            # patch_embed runs per patch, the merger's MLP per merged token
+            return Work(patches if part == "pre" else patches / self.hf_config.vision_config.spatial_merge_size ** 2)
+        return Work(self.sequence(load))

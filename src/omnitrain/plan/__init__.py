@@ -20,7 +20,7 @@ from typing import Iterable, Mapping
 
 from torch import nn
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 BYTES_PER_PARAM_TRAIN = 16  # fp32 weight + grad + AdamW exp_avg + exp_avg_sq
 
 
@@ -215,8 +215,12 @@ def report(cfg) -> str:
     counts = count_params(family, model)
     parts = [f"model={cfg.model.name}  ({family.hf_architecture}, built on meta)", "", module_table(counts)]
     parts += ["", layer_table(layer_params(family, model))]
-    note = None
+    note = auto_line = None
     try:
+        from omnitrain.plan.layout import is_auto, resolve_auto
+
+        if is_auto(cfg):
+            auto_line = resolve_auto(cfg, family)
         try:
             plans = check_layout(cfg, family)
         except ConfigError as e:
@@ -239,18 +243,15 @@ def report(cfg) -> str:
             f"* {BYTES_PER_PARAM_TRAIN} B/param (fp32 weight, grad, AdamW moments) after TP"
             + (" and FSDP" if fsdp else "") + " sharding, on one rank of the stage; activations not included"
         ] + ([note] if note else [])
+        if auto_line:
+            parts += ["", auto_line]
+        from omnitrain.plan.layout import stage_report
+
+        parts += ["", stage_report(cfg, family, plans, sizes)[0]]
     return "\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    from omnitrain.errors import run_cli
+    from omnitrain.plan.__main__ import main as cli
 
-    return run_cli(lambda: print(report(compose(argv))))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return cli(argv)
