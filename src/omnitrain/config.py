@@ -22,6 +22,16 @@ from omnitrain.data.config import DataConfig
 
 
 @dataclass
+class LoraModuleConfig:
+    enabled: bool = False
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0  # > 0 draws from each rank's RNG: layouts agree only at 0
+    # Linear names inside the module's layers; null = all its projections (attention + MLP).
+    target_modules: Optional[List[str]] = None
+
+
+@dataclass
 class ModelConfig:
     # The model family's adapter (omnitrain.models.<family>), built once per process.
     _target_: str = MISSING
@@ -41,8 +51,14 @@ class ModelConfig:
     # per module a bool, or {train: bool, except: [patterns]} where the
     # parameters matching an fnmatch pattern (names relative to the module,
     # e.g. "merger.*" for vision) get the opposite. Frozen parameters get no
-    # gradients and no optimizer state.
-    trainable: Dict[str, Any] = field(default_factory=dict)
+    # gradients and no optimizer state. `sft`: the family's usual SFT choice
+    # (encoders frozen, their projectors and the LLM trained).
+    trainable: Any = field(default_factory=dict)
+    # LoRA (PEFT) per module: model.lora.llm.enabled=true model.lora.llm.target_modules=[q_proj,v_proj].
+    # Entries for modules the family lacks must stay disabled.
+    lora: Dict[str, LoraModuleConfig] = field(
+        default_factory=lambda: {m: LoraModuleConfig() for m in ("vision", "audio", "llm")}
+    )
 
 
 @dataclass
@@ -136,6 +152,11 @@ class TrainConfig:
     on_nonfinite: str = "skip"
     # Event files in <run dir>/tensorboard from the logging rank (pip install omnitrain[tb]).
     tensorboard: bool = False
+    # Activation recompute per module (train/recompute.py): none | full | selective,
+    # and how many layers: null = all the module's layers on this stage, N = the
+    # first N of them on each pipeline stage. Modules the family lacks stay none.
+    recompute: Dict[str, str] = field(default_factory=lambda: {m: "none" for m in ("vision", "audio", "llm")})
+    recompute_layers: Dict[str, Optional[int]] = field(default_factory=lambda: {m: None for m in ("vision", "audio", "llm")})
 
 
 @dataclass

@@ -114,6 +114,13 @@ def check_layout(cfg, family=None) -> list[StagePlan]:
             "raise parallel.tp.llm or set parallel.sequence_parallel=false"
         )
     check_tp_divisible(sizes.tp, family.tp_sizes())
+    lora_tp = [m for m in getattr(family, "lora", {}) if sizes.tp[m] > 1]
+    if lora_tp:  # PEFT's LoRA Linear holds plain A/B next to a DTensor-sharded base: not composed
+        m = lora_tp[0]
+        raise ConfigError(
+            f"model.lora.{m}.enabled=true with parallel.tp.{m}={sizes.tp[m]}: LoRA does not run under tensor "
+            f"parallelism; use parallel.tp.{m}=1 (pipeline and FSDP layouts work with LoRA)"
+        )
     check_encoder_tp(sizes)
     if cfg.parallel.dp_mode == "fsdp":
         # FSDP would split a fused q|k|v TP shard ([q_r|k_r|v_r]) in a way no
