@@ -60,6 +60,9 @@ class Trainer:
         self.plans = self._plans()
         device.manual_seed_all(cfg.train.seed)
         self.model = self.adapter.build(self.plans, self.dev, cfg.train.seed)
+        from omnitrain.train import recompute
+
+        self.recomputed = recompute.apply(self.model, self.adapter, self.plans, cfg.train)
         if self.ctx is not None:  # [parallel hook] TP / FSDP on this rank's modules
             self.model = self.ctx.parallelize(self.adapter, self.model, self.plans)
         self.module_params = [(self.adapter.module_of(n), p) for n, p in self.adapter.local_parameters(self.model)]
