@@ -152,6 +152,10 @@ class TrainConfig:
     on_nonfinite: str = "skip"
     # Event files in <run dir>/tensorboard from the logging rank (pip install omnitrain[tb]).
     tensorboard: bool = False
+    # Validation every N steps (0 = off) on data.eval: the loss (train.loss) over
+    # eval_batches global batches (null = the eval set once), forward only.
+    eval_every: int = 0
+    eval_batches: Optional[int] = None
     # Activation recompute per module (train/recompute.py): none | full | selective,
     # and how many layers: null = all the module's layers on this stage, N = the
     # first N of them on each pipeline stage. Modules the family lacks stay none.
@@ -222,6 +226,11 @@ def validate(cfg) -> None:
         _need("optim.optimizer.betas", betas, len(betas) == 2 and all(0 <= float(b) < 1 for b in betas), "give two values in [0, 1)")
     _need("train.loss", t.loss, t.loss in ("token_mean", "sample_mean", "sum"), "use token_mean, sample_mean or sum")
     _need("train.on_nonfinite", t.on_nonfinite, t.on_nonfinite in ("skip", "stop"), "use skip or stop")
+    _need("train.eval_every", t.eval_every, t.eval_every >= 0, "must be >= 0 (0 turns validation off)")
+    if t.eval_every and not cfg.data.get("eval"):
+        raise ConfigError(f"train.eval_every={t.eval_every}: no validation data; set data.eval (datasets, like data.dataset)")
+    if t.eval_batches is not None:
+        _need("train.eval_batches", t.eval_batches, t.eval_batches >= 1, "must be >= 1 (null = the eval set once)")
     for key in ("lr_mult", "module_weight_decay"):
         for m, v in (o.get(key) or {}).items():
             ok = float(v) > 0 if key == "lr_mult" else float(v) >= 0

@@ -453,6 +453,31 @@ class ParallelContext:
         return loss, extra
 
 
+    def run_forward_only(self, trainer, micro_batches: list[dict], num_label_tokens) -> torch.Tensor:
+        """Validation through the pipeline: every micro-batch runs the stages in
+        order (GPipe's forward half, no backward); each rank receives a stage's
+        inputs from the rank of the stage before and sends its outputs on. The
+        loss sums on the last stage (zero elsewhere, for reduce_loss)."""
+        from omnitrain.pipeline import p2p
+
+        owner = {sp.index: self.pp_rank for sp in self.stage_plans}
+        mine = {sp.index: _Stage(trainer, sp, micro_batches, num_label_tokens) for sp in self.stage_plans}
+        loss = torch.zeros(())
+        for i in range(len(micro_batches)):
+            for s in range(self.num_stages):
+                if s not in owner:
+                    continue
+                inputs = {}
+                if s > 0:
+                    _, inputs = p2p.recv_bundle((self.pp_rank - 1) % self.pp_size, group=self.pp_group, device=trainer.dev)
+                out = mine[s].forward(i, inputs)
+                if s == self.num_stages - 1:
+                    loss += out.detach().float().cpu()
+                else:
+                    p2p.send_bundle(out, (self.pp_rank + 1) % self.pp_size, group=self.pp_group, key=(i, s, 0), device=trainer.dev)
+        return loss
+
+
 class _Stage:
     """Adapts a Trainer's segment forward to the executor's stage protocol."""
 

@@ -53,6 +53,19 @@ class MetricsLogger:
         else:
             print(line, flush=True)
 
+    def log_eval(self, row: dict) -> None:
+        """A validation row ({step, eval_loss, eval_tokens}): metrics.jsonl, TensorBoard eval/loss, a console line."""
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(row, allow_nan=True) + "\n")
+        if self._tb is not None:
+            self._tb.add_scalar("eval/loss", float(row["eval_loss"]), row["step"])
+        line = f"step {row['step']:>{len(str(self.total))}}/{self.total} | eval loss {row['eval_loss']:.4f} ({row['eval_tokens']} tokens)"
+        if self._bar is not None:
+            self._bar.write(line)
+        else:
+            print(line, flush=True)
+
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:
             self._bar.update(n)
