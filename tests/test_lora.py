@@ -1,6 +1,6 @@
 """LoRA through PEFT (models/lora.py): only adapters (and what model.trainable
-names) train, the adapters' init does not depend on the layout, pp2 and fsdp2
-reproduce the single process, TP is refused, and a LoRA checkpoint exports
+names) train, the adapters' init does not depend on the layout, TP is refused
+(layouts: tests/test_finetune_smoke.py), and a LoRA checkpoint exports
 merged (from_pretrained) or as a PEFT adapter folder (PeftModel.from_pretrained),
 both with the trained model's logits."""
 
@@ -17,7 +17,7 @@ from omnitrain.models.family import build_family
 from omnitrain.parallel.context import check_layout
 from omnitrain.parallel.layout import whole_plan
 from omnitrain.train.worker import worker
-from test_resume import PP2, SMALL, _cfg, _loader
+from test_resume import SMALL, _cfg, _loader
 
 LORA = ["model.lora.llm.enabled=true", "model.lora.llm.target_modules=[q_proj,v_proj]", "model.lora.llm.r=4",
         "model.lora.vision.enabled=true", "model.lora.vision.alpha=8",
@@ -76,27 +76,8 @@ def test_lora_config_errors():
         check_layout(cfg)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    from _layouts import run_layout
-
-    return run_layout(tmp_path_factory.mktemp("lora") / "single", ["parallel=single", *SMALL, *LORA], steps=2, global_batch=2)
-
-
-@pytest.mark.parametrize("name, layout", [("pp2", PP2), ("fsdp2", ["parallel=fsdp4", "parallel.dp=2"])])
-def test_lora_layout_matches_single(tmp_path, reference, name, layout):
-    from _layouts import check_parity
-
-    run = run_layout_lora(tmp_path, layout)
-    # every trained tensor (adapters, merger) and the frozen rest match the single process
-    assert any(".lora_B." in k for k in run[2])
-    check_parity(run, reference, 2, name)
-
-
-def run_layout_lora(tmp_path, layout):
-    from _layouts import run_layout
-
-    return run_layout(tmp_path / "run", [*layout, *SMALL, *LORA], steps=2, global_batch=2)
+# Parity with LoRA on (pp4_hetero and fsdp4 vs single, every family, adapters
+# and trained parameters at 1e-5) is in tests/test_finetune_smoke.py.
 
 
 # ---- export ---------------------------------------------------------------------------
