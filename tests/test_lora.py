@@ -12,7 +12,7 @@ import torch
 import _synth
 from conftest import compose_cfg, stage_plan
 from omnitrain import launch
-from omnitrain.config import ConfigError
+from omnitrain.config import ConfigError, check_finetune
 from omnitrain.models.family import build_family
 from omnitrain.parallel.context import check_layout
 from omnitrain.parallel.layout import whole_plan
@@ -67,8 +67,9 @@ def test_lora_init_is_the_same_on_any_stage():
 
 
 def test_lora_config_errors():
+    bad = compose_cfg([*SMALL, *LORA, "model.lora.llm.target_modules=[qproj]"])
     with pytest.raises(ConfigError, match=r"model.lora.llm.target_modules=\['qproj'\]: no Linear of that name"):
-        _family("model.lora.llm.target_modules=[qproj]").build(whole_plan(_family().depths), torch.device("cpu"), 1)
+        check_finetune(bad, build_family(bad.model))  # before any process starts, on meta
     with pytest.raises(Exception, match=r"model.lora.audio: unknown module; model qwen2_vl has vision, llm"):  # (through Hydra's instantiate)
         build_family(compose_cfg(["model=qwen2_vl", "model.lora.audio.enabled=true"]).model)
     cfg = compose_cfg([*LORA, "parallel=tp2"])
@@ -108,6 +109,12 @@ def test_lora_export_merged_and_adapter_folder_give_the_trained_logits(tmp_path,
     launch.launch(worker, 1, cfg, _loader, trained.append)
     ours = trained[0].model.eval()
     assert any(float(p.detach().abs().max()) > 0 for n, p in ours.named_parameters() if ".lora_B." in n)  # the adapters moved
+
+    from omnitrain.convert.__main__ import _saved_model_tensors
+    from omnitrain.train import checkpoint
+
+    saved = _saved_model_tensors(checkpoint.latest(run))
+    assert saved and all(".lora_" in k for k in saved)  # the checkpoint holds what trains, not the frozen base
 
     mb = _synth.micro_batches(1, batch=2)[0]
     mb = {k: v for k, v in mb.items() if k not in ("labels", "use_audio_in_video")}

@@ -254,3 +254,7 @@ def check_finetune(cfg, family) -> None:
             raise ConfigError(f"optim.{key}.{unknown[0]}: unknown module; model {cfg.model.name} has {', '.join(modules)}")
     if any(family.trainable_except.values()):
         family.check_trainable([n for n, _ in family.build_meta().named_parameters()])
+    if family.lora:  # target names that match no Linear fail here, on meta, not in a worker
+        from omnitrain.models.lora import inject
+
+        inject(family, family.build_meta(), family.lora, cfg.train.seed)
