@@ -287,6 +287,8 @@ class Trainer:
         eval_every = int(cfg.get("eval_every") or 0)
         if eval_every and self.eval_loader is None:  # (config.validate: data.eval is set)
             self.build_eval_data()
+        elif not eval_every and self.cfg.data.get("eval") and self.is_logging_rank:
+            log.warning("data.eval is set but train.eval_every=0: no validation runs (set train.eval_every=N)")
         self.maybe_resume(run_dir)
         it = iter(self.loader)
         logger = MetricsLogger(
