@@ -44,9 +44,11 @@ def _save_params(path, trainer):
     torch.save(local, f"{path}/params_{trainer.ctx.rank if trainer.ctx else 0}.pt")
 
 
-def run_layout(out: Path, overrides, *, steps: int, global_batch: int, micro: int = 1, kinds=None):
+def run_layout(out: Path, overrides, *, steps: int, global_batch: int, micro: int = 1, kinds=None, eval_kinds=None, rows_out=None):
     """Returns (losses, grad norms, {param name: final tensor}). `kinds`: the
-    synthetic sample kinds (default `_synth.KINDS`, for the Omni thinker)."""
+    synthetic sample kinds (default `_synth.KINDS`, for the Omni thinker);
+    `eval_kinds`: synthetic validation data (with train.eval_every); `rows_out`,
+    a list, receives the metric rows."""
     out.mkdir()
     cfg = compose_cfg(
         [f"train.steps={steps}", f"train.global_batch_size={global_batch}", f"train.micro_batch_size={micro}",
@@ -55,7 +57,10 @@ def run_layout(out: Path, overrides, *, steps: int, global_batch: int, micro: in
     )
     check_layout(cfg)
     loader = functools.partial(_loader, global_batch=global_batch, micro=micro, kinds=kinds)
-    rows = launch.launch(worker, world_size_for(cfg), cfg, loader, functools.partial(_save_params, str(out)), timeout_s=120)
+    evals = None if eval_kinds is None else functools.partial(_loader, global_batch=global_batch, micro=micro, kinds=eval_kinds)
+    rows = launch.launch(worker, world_size_for(cfg), cfg, loader, functools.partial(_save_params, str(out)), evals, timeout_s=120)
+    if rows_out is not None:
+        rows_out += rows
     params = {}
     for f in sorted(out.glob("params_*.pt")):
         params.update(torch.load(f))

@@ -22,6 +22,16 @@ from omnitrain.data.config import DataConfig
 
 
 @dataclass
+class LoraModuleConfig:
+    enabled: bool = False
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0  # > 0 draws from each rank's RNG: layouts agree only at 0
+    # Linear names inside the module's layers; null = all its projections (attention + MLP).
+    target_modules: Optional[List[str]] = None
+
+
+@dataclass
 class ModelConfig:
     # The model family's adapter (omnitrain.models.<family>), built once per process.
     _target_: str = MISSING
@@ -41,8 +51,14 @@ class ModelConfig:
     # per module a bool, or {train: bool, except: [patterns]} where the
     # parameters matching an fnmatch pattern (names relative to the module,
     # e.g. "merger.*" for vision) get the opposite. Frozen parameters get no
-    # gradients and no optimizer state.
-    trainable: Dict[str, Any] = field(default_factory=dict)
+    # gradients and no optimizer state. `sft`: the family's usual SFT choice
+    # (encoders frozen, their projectors and the LLM trained).
+    trainable: Any = field(default_factory=dict)
+    # LoRA (PEFT) per module: model.lora.llm.enabled=true model.lora.llm.target_modules=[q_proj,v_proj].
+    # Entries for modules the family lacks must stay disabled.
+    lora: Dict[str, LoraModuleConfig] = field(
+        default_factory=lambda: {m: LoraModuleConfig() for m in ("vision", "audio", "llm")}
+    )
 
 
 @dataclass
@@ -136,6 +152,15 @@ class TrainConfig:
     on_nonfinite: str = "skip"
     # Event files in <run dir>/tensorboard from the logging rank (pip install omnitrain[tb]).
     tensorboard: bool = False
+    # Validation every N steps (0 = off) on data.eval: the loss (train.loss) over
+    # eval_batches global batches (null = the eval set once), forward only.
+    eval_every: int = 0
+    eval_batches: Optional[int] = None
+    # Activation recompute per module (train/recompute.py): none | full | selective,
+    # and how many layers: null = all the module's layers on this stage, N = the
+    # first N of them on each pipeline stage. Modules the family lacks stay none.
+    recompute: Dict[str, str] = field(default_factory=lambda: {m: "none" for m in ("vision", "audio", "llm")})
+    recompute_layers: Dict[str, Optional[int]] = field(default_factory=lambda: {m: None for m in ("vision", "audio", "llm")})
 
 
 @dataclass
@@ -237,6 +262,11 @@ def validate(cfg) -> None:
         _need("optim.optimizer.betas", betas, len(betas) == 2 and all(0 <= float(b) < 1 for b in betas), "give two values in [0, 1)")
     _need("train.loss", t.loss, t.loss in ("token_mean", "sample_mean", "sum"), "use token_mean, sample_mean or sum")
     _need("train.on_nonfinite", t.on_nonfinite, t.on_nonfinite in ("skip", "stop"), "use skip or stop")
+    _need("train.eval_every", t.eval_every, t.eval_every >= 0, "must be >= 0 (0 turns validation off)")
+    if t.eval_every and not cfg.data.get("eval"):
+        raise ConfigError(f"train.eval_every={t.eval_every}: no validation data; set data.eval (datasets, like data.dataset)")
+    if t.eval_batches is not None:
+        _need("train.eval_batches", t.eval_batches, t.eval_batches >= 1, "must be >= 1 (null = the eval set once)")
     for key in ("lr_mult", "module_weight_decay"):
         for m, v in (o.get(key) or {}).items():
             ok = float(v) > 0 if key == "lr_mult" else float(v) >= 0
@@ -260,3 +290,7 @@ def check_finetune(cfg, family) -> None:
             raise ConfigError(f"optim.{key}.{unknown[0]}: unknown module; model {cfg.model.name} has {', '.join(modules)}")
     if any(family.trainable_except.values()):
         family.check_trainable([n for n, _ in family.build_meta().named_parameters()])
+    if family.lora:  # target names that match no Linear fail here, on meta, not in a worker
+        from omnitrain.models.lora import inject
+
+        inject(family, family.build_meta(), family.lora, cfg.train.seed)

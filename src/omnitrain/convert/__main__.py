@@ -4,9 +4,12 @@
         HF folder of any family (for an omni model: its thinker, or the whole
         model) -> checkpoint OUT_DIR (a step dir with model tensors only):
         train with train.resume=OUT_DIR.
-    python -m omnitrain.convert mm_to_hf CKPT OUT_DIR [--config RUN/config.yaml] [--dtype bf16]
+    python -m omnitrain.convert mm_to_hf CKPT OUT_DIR [--config RUN/config.yaml] [--dtype bf16] [--merge-lora]
         checkpoint (step dir or run dir) -> HF folder: config.json, safetensors
         shards + index, tokenizer/processor; loads with from_pretrained.
+        A LoRA checkpoint (model.lora) gives a PEFT adapter folder that
+        peft.PeftModel.from_pretrained loads over the HF base (model.init_from),
+        or with --merge-lora an HF folder with the adapters merged in.
     python -m omnitrain.convert resplit CKPT OUT_RUN_DIR parallel=pp2 [overrides...]
         the checkpoint re-saved as the given layout's ranks would save it
         (OUT_RUN_DIR/checkpoints/step_<N>), optimizer and step included.
@@ -20,6 +23,7 @@ non-empty output is never overwritten.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -185,36 +189,117 @@ def hf_to_mm(hf_dir: str, out: str, dtype: str = "fp32") -> Path:
 # ----------------------------------------------------------------------------- mm_to_hf
 
 
-def _check_tied(step_dir: Path, saved: dict, tied: dict[str, str]) -> None:
+class _Shape:
+    """Stands in for DCP's tensor metadata of an in-memory tensor (size, dtype)."""
+
+    def __init__(self, size, dtype):
+        self.size = size
+        self.properties = type("P", (), {"dtype": dtype})
+
+
+def _check_tied(fetch, tied: dict[str, str], step_dir: Path) -> None:
     """Tied tensors saved under both names must be equal: only one is exported."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-
-    from omnitrain.train import checkpoint
-
     for alias, source in tied.items():
-        state = {"model": {k: torch.empty(tuple(saved[k].size), dtype=saved[k].properties.dtype) for k in (alias, source)}}
-        with checkpoint._single_process_ok():
-            dcp.load(state, checkpoint_id=str(step_dir), planner=DefaultLoadPlanner(allow_partial_load=True))
-        if not torch.equal(state["model"][alias], state["model"][source]):
+        got = fetch([alias, source])
+        if not torch.equal(got[alias], got[source]):
             raise ConvertError(
                 f"{step_dir}: {alias} differs from {source}, but the model config ties them "
                 "(tie_word_embeddings=true) and only one is exported; the checkpoint was trained untied"
             )
 
 
-def mm_to_hf(ckpt: str, out: str, config: str | None = None, dtype: str = "fp32", max_shard_bytes: int = 5 * 2**30, processor: bool = True) -> Path:
-    """Checkpoint -> HF folder, one output shard in memory at a time."""
+def _load_saved(step_dir: Path, saved: dict, names) -> dict:
+    """The named model tensors of a checkpoint, as plain CPU tensors."""
     import torch.distributed.checkpoint as dcp
-    from safetensors.torch import save_file
     from torch.distributed.checkpoint import DefaultLoadPlanner
 
     from omnitrain.train import checkpoint
+
+    state = {"model": {k: torch.empty(tuple(saved[k].size), dtype=saved[k].properties.dtype) for k in names}}
+    with checkpoint._single_process_ok():
+        dcp.load(state, checkpoint_id=str(step_dir), planner=DefaultLoadPlanner(allow_partial_load=True))
+    return state["model"]
+
+
+def _lora_model(step_dir: Path, saved: dict, family, config: str | None):
+    """The whole model with its adapters: base from the run's seed or
+    model.init_from (a LoRA checkpoint holds only what trained), then the
+    checkpoint's tensors over it."""
+    from omnitrain.parallel.layout import whole_plan
+
+    run_cfg = _run_config(step_dir, config)
+    if run_cfg is None or not family.lora:
+        raise ConvertError(
+            f"{step_dir} holds LoRA adapters, but {'no run config.yaml was found' if run_cfg is None else 'its config has no model.lora enabled'}: "
+            "pass --config <run dir>/config.yaml of the run that trained it"
+        )
+    model = family.build([whole_plan(family.depths)], torch.device("cpu"), int(run_cfg.train.seed))
+    own = dict(model.state_dict())
+    unexpected = sorted(set(saved) - set(own))
+    wrong = [f"{k} {tuple(saved[k].size)} vs config {tuple(own[k].shape)}" for k in saved if k in own and tuple(saved[k].size) != tuple(own[k].shape)]
+    if unexpected or wrong:
+        raise ConvertError(f"{step_dir} does not match the model config: unexpected {hf._listing(unexpected) or '-'}; shapes {hf._listing(wrong, 4) or '-'}")
+    model.load_state_dict(_load_saved(step_dir, saved, list(saved)), strict=False)
+    return model.eval(), run_cfg
+
+
+def _write_adapter(tmp: Path, step_dir: Path, family, model, saved: dict, run_cfg, target) -> None:
+    """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors)
+    that peft.PeftModel.from_pretrained loads on top of the HF base model."""
+    from safetensors.torch import save_file
+
+    from omnitrain.models.lora import adapter_state_dict, is_lora_name, peft_config
+
+    extra = sorted(k for k in saved if not is_lora_name(k))
+    if extra:
+        raise ConvertError(
+            f"{step_dir} also trained {len(extra)} non-LoRA tensors (first: {extra[0]}), which a PEFT adapter "
+            "folder does not carry: export with --merge-lora for a full HF folder"
+        )
+    base = run_cfg.model.get("init_from")
+    if not base:
+        log.warning("the run had no model.init_from: its base is the seeded random init, which no HF folder holds (use --merge-lora)")
+    peft_config(family, family.lora, base=str(base) if base else None).save_pretrained(str(tmp))
+    sd = {k: v.to(target).contiguous() for k, v in adapter_state_dict(model).items()}
+    save_file(sd, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def mm_to_hf(
+    ckpt: str, out: str, config: str | None = None, dtype: str = "fp32", max_shard_bytes: int = 5 * 2**30,
+    processor: bool = True, merge_lora: bool = False,
+) -> Path:
+    """Checkpoint -> HF folder, one output shard in memory at a time. A LoRA
+    checkpoint gives a PEFT adapter folder, or with `merge_lora` an HF folder
+    with the adapters folded into the weights (the whole model in memory)."""
+    from safetensors.torch import save_file
+
+    from omnitrain.models.lora import is_lora_name, merge_and_unload
 
     step_dir = _step_dir(ckpt)
     family, model_cfg = _model_family(step_dir, config)
     hf_config = family.hf_config
     saved = _saved_model_tensors(step_dir)
+    target = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    fetch = functools.partial(_load_saved, step_dir, saved)
+    if any(is_lora_name(k) for k in saved):
+        model, run_cfg = _lora_model(step_dir, saved, family, config)
+        if not merge_lora:
+            out = Path(out)
+            tmp = _fresh_output(out)
+            try:
+                _write_adapter(tmp, step_dir, family, model, saved, run_cfg, target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            _publish(tmp, out)
+            return out
+        merged = merge_and_unload(model).state_dict()
+        saved = {k: _Shape(tuple(v.shape), v.dtype) for k, v in merged.items()}
+
+        def fetch(names):
+            return {k: merged[k] for k in names}
+    elif merge_lora:
+        raise ConvertError(f"--merge-lora: {step_dir} holds no LoRA adapters (drop --merge-lora)")
     meta = family.build_meta()
     # A tied lm_head is not written (transformers re-ties it on load); a
     # training checkpoint holds it under its own name too (the state dict
@@ -229,8 +314,7 @@ def mm_to_hf(ckpt: str, out: str, config: str | None = None, dtype: str = "fp32"
             f"{step_dir} does not match the model config: missing {hf._listing(missing) or '-'}; "
             f"unexpected {hf._listing(unexpected) or '-'}; shapes {hf._listing(wrong, 4) or '-'}"
         )
-    _check_tied(step_dir, saved, {k: v for k, v in tied.items() if k in saved and v in saved})
-    target = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    _check_tied(fetch, {k: v for k, v in tied.items() if k in saved and v in saved}, step_dir)
     shards, cur, size = [], [], 0
     for name in sorted(expected):
         n = torch.Size(expected[name]).numel() * target.itemsize
@@ -247,12 +331,10 @@ def mm_to_hf(ckpt: str, out: str, config: str | None = None, dtype: str = "fp32"
         index = {}
         for i, names in enumerate(shards):
             file = hf.SINGLE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            state = {"model": {k: torch.empty(expected[k], dtype=saved[k].properties.dtype) for k in names}}
-            with checkpoint._single_process_ok():
-                dcp.load(state, checkpoint_id=str(step_dir), planner=DefaultLoadPlanner(allow_partial_load=True))
-            save_file({family.to_hf_name(k): v.to(target).contiguous() for k, v in state["model"].items()}, str(tmp / file), metadata={"format": "pt"})
+            tensors = fetch(names)
+            save_file({family.to_hf_name(k): v.to(target).contiguous() for k, v in tensors.items()}, str(tmp / file), metadata={"format": "pt"})
             index.update({family.to_hf_name(k): file for k in names})
-            del state
+            del tensors
         if len(shards) > 1:
             total = sum(torch.Size(s).numel() * target.itemsize for s in expected.values())
             (tmp / hf.INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=1))
@@ -379,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     b.add_argument("--max-shard-gb", type=float, default=5.0)
     b.add_argument("--no-processor", action="store_true", help="weights and config only")
+    b.add_argument("--merge-lora", action="store_true", help="fold a LoRA checkpoint's adapters into the weights (else a PEFT adapter folder)")
     c = sub.add_parser("resplit", help="re-save a checkpoint as another layout")
     c.add_argument("ckpt")
     c.add_argument("out")
@@ -393,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "hf_to_mm":
             path = hf_to_mm(args.hf_dir, args.out, args.dtype)
         elif args.cmd == "mm_to_hf":
-            path = mm_to_hf(args.ckpt, args.out, args.config, args.dtype, int(args.max_shard_gb * 2**30), not args.no_processor)
+            path = mm_to_hf(args.ckpt, args.out, args.config, args.dtype, int(args.max_shard_gb * 2**30), not args.no_processor, args.merge_lora)
         else:
             path = resplit(args.ckpt, args.out, args.overrides, args.config)
         log.info("wrote %s", path)

@@ -18,6 +18,9 @@ class DataConfig:
     # Mixing: one weight per dataset; each epoch holds a weight-proportional
     # share of samples (datasets repeat or subsample). null = plain concatenation.
     weights: Optional[List[float]] = None
+    # Validation datasets (names or json paths, like `dataset`), read with the
+    # same settings; used by train.eval_every. null = no validation.
+    eval: Any = None
     # Keep the first N samples of each dataset (LLaMA-Factory's max_samples).
     max_samples: Optional[int] = None
     # Token budget per sample; only trailing text is ever cut, never media.

@@ -130,13 +130,28 @@ class ModelFamily:
     # HF config model_type of a folder this family reads -> (prefix of its
     # tensors there, key of its sub-config or None for the top level).
     hf_model_types: Mapping[str, tuple] = {}
+    # `model.trainable=sft`: the usual SFT choice for this family (README: Fine-tuning controls).
+    sft_trainable: Mapping[str, object] = {}
 
-    def __init__(self, name, config, processor=None, config_class=None, init_from=None, trainable=None, transform=None):
+    def __init__(self, name, config, processor=None, config_class=None, init_from=None, trainable=None, transform=None, lora=None):
+        from omnitrain.models.lora import parse_lora
+
         self.name = name
         self.processor = processor  # a folder or builtin:<name> (data.load_processor)
         self.transform = transform
         self.init_from = init_from
+        if trainable == "sft":
+            trainable = dict(self.sft_trainable)
+        elif isinstance(trainable, str):
+            from omnitrain.config import ConfigError
+
+            raise ConfigError(f"model.trainable={trainable!r}: use sft (this family's SFT preset) or a bool / {{train, except}} per module")
         self.trainable, self.trainable_except = parse_trainable(trainable, self.module_names, name)
+        self.lora = parse_lora(lora, self)
+        for m in self.lora:
+            # LoRA freezes the module's base: only the `except` patterns of
+            # model.trainable.<m> name base parameters that still train.
+            self.trainable[m] = False
         self.config_class = config_class or self.hf_config_class
         self.hf_config = self.make_config(self.config_class, dict(config))
 
@@ -160,6 +175,12 @@ class ModelFamily:
     @property
     def encoders(self) -> tuple[str, ...]:
         return self.module_names[:-1]
+
+    def default_lora_targets(self, module: str) -> tuple[str, ...]:
+        """`model.lora.<module>.target_modules` when unset: every Linear of the
+        module's layers that its TP plan shards (q/k/v/o and MLP projections)."""
+        pats = [p for p, style in self.tp_plan.get(module, ()) if ".*." in p and style.startswith(("colwise", "rowwise"))]
+        return tuple(dict.fromkeys(p.rpartition(".")[2] for p in pats))
 
     def spec(self, module: str) -> ModuleSpec:
         return next(m for m in self.modules if m.name == module)
@@ -295,6 +316,10 @@ class ModelFamily:
             # After the init: non-persistent buffers (rotary) come from it, weights from the folder.
             load_hf_weights(self, model, self.init_from)
         self.apply_trainable(model)
+        if self.lora:
+            from omnitrain.models.lora import inject
+
+            inject(self, model, self.lora, seed)
         model.train()
         return model
 
@@ -314,6 +339,7 @@ class ModelFamily:
         """`model.trainable.<module>`: the module's default, flipped for the
         parameters an `except` pattern matches."""
         module = self.module_of(param_name)
+        param_name = param_name.replace(".base_layer.", ".")  # a LoRA target's base weight
         flip = any(self._matches(param_name, pat) for pat in self.trainable_except[module])
         return self.trainable[module] != flip
 

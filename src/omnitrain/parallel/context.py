@@ -118,6 +118,13 @@ def check_layout(cfg, family=None) -> list[StagePlan]:
             "raise parallel.tp.llm or set parallel.sequence_parallel=false"
         )
     check_tp_divisible(sizes.tp, family.tp_sizes())
+    lora_tp = [m for m in getattr(family, "lora", {}) if sizes.tp[m] > 1]
+    if lora_tp:  # PEFT's LoRA Linear holds plain A/B next to a DTensor-sharded base: not composed
+        m = lora_tp[0]
+        raise ConfigError(
+            f"model.lora.{m}.enabled=true with parallel.tp.{m}={sizes.tp[m]}: LoRA does not run under tensor "
+            f"parallelism; use parallel.tp.{m}=1 (pipeline and FSDP layouts work with LoRA)"
+        )
     check_encoder_tp(sizes)
     if cfg.parallel.dp_mode == "fsdp" and cfg.parallel.pp.schedule == "zero_bubble":
         # FSDP reduce-scatters (and frees) a unit's grads in hooks that assume
@@ -458,6 +465,31 @@ class ParallelContext:
             "stage_peak_mem_gib": [round(v, 4) for v in t[3].tolist()],  # for sweep reports (omnitrain.report)
         }
         return loss, extra
+
+
+    def run_forward_only(self, trainer, micro_batches: list[dict], num_label_tokens) -> torch.Tensor:
+        """Validation through the pipeline: every micro-batch runs the stages in
+        order (GPipe's forward half, no backward); each rank receives a stage's
+        inputs from the rank of the stage before and sends its outputs on. The
+        loss sums on the last stage (zero elsewhere, for reduce_loss)."""
+        from omnitrain.pipeline import p2p
+
+        owner = {sp.index: self.pp_rank for sp in self.stage_plans}
+        mine = {sp.index: _Stage(trainer, sp, micro_batches, num_label_tokens) for sp in self.stage_plans}
+        loss = torch.zeros(())
+        for i in range(len(micro_batches)):
+            for s in range(self.num_stages):
+                if s not in owner:
+                    continue
+                inputs = {}
+                if s > 0:
+                    _, inputs = p2p.recv_bundle((self.pp_rank - 1) % self.pp_size, group=self.pp_group, device=trainer.dev)
+                out = mine[s].forward(i, inputs)
+                if s == self.num_stages - 1:
+                    loss += out.detach().float().cpu()
+                else:
+                    p2p.send_bundle(out, (self.pp_rank + 1) % self.pp_size, group=self.pp_group, key=(i, s, 0), device=trainer.dev)
+        return loss
 
 
 class _Stage:

@@ -376,12 +376,17 @@ def _state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
     create its state with a zero-lr step, which counts as a step for Adam's
     bias correction. For loading that state is the template to load into.
     """
+    # A LoRA model (models/lora.py) saves what trains: adapters and trained
+    # parameters; its frozen base is rebuilt from the seed or model.init_from.
+    frozen = set()
+    if getattr(model, "_checkpoint_trained_only", False):
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     if optimizer is None or not (optimizer.state or init_optimizer):
         model_sd = get_model_state_dict(model, options=_OPTIONS)
-        return {"model": {k: v for k, v in model_sd.items() if not _is_meta(v)}}
+        return {"model": {k: v for k, v in model_sd.items() if not _is_meta(v) and k not in frozen}}
     model_sd, optim_sd = get_state_dict(model, [optimizer], options=_OPTIONS)
     return {
-        "model": {k: v for k, v in model_sd.items() if not _is_meta(v)},
+        "model": {k: v for k, v in model_sd.items() if not _is_meta(v) and k not in frozen},
         "optimizer": {k: v for k, v in optim_sd.items() if not _is_meta(v)},
     }
 

@@ -60,6 +60,9 @@ class Trainer:
         self.plans = self._plans()
         device.manual_seed_all(cfg.train.seed)
         self.model = self.adapter.build(self.plans, self.dev, cfg.train.seed)
+        from omnitrain.train import recompute
+
+        self.recomputed = recompute.apply(self.model, self.adapter, self.plans, cfg.train)
         if self.ctx is not None:  # [parallel hook] TP / FSDP on this rank's modules
             self.model = self.ctx.parallelize(self.adapter, self.model, self.plans)
         self.module_params = [(self.adapter.module_of(n), p) for n, p in self.adapter.local_parameters(self.model)]
@@ -78,6 +81,7 @@ class Trainer:
         self._base_lrs = list(getattr(self.scheduler, "base_lrs", []))  # this config's lr per group
         self.dtype = {"fp32": None, "bf16": torch.bfloat16}[cfg.train.dtype]
         self.loader = None
+        self.eval_loader = None
         self.step = 0
 
     def _group_module(self, group: dict) -> str | None:
@@ -132,6 +136,59 @@ class Trainer:
             dp_size=self.dp_size,
         )
         return self.loader
+
+    def build_eval_data(self):
+        """`data.eval`: datasets (like data.dataset) read with the training data's
+        settings, in the same global-batch geometry (each dp rank its slice)."""
+        from omegaconf import open_dict
+
+        from omnitrain.data import build_loader, load_processor
+
+        d = self.cfg.data.copy()
+        with open_dict(d):
+            d.dataset, d.weights = d.eval, None
+        t = self.cfg.train
+        self.eval_loader = build_loader(
+            d, self.adapter, load_processor(self.cfg.model), seed=t.seed, micro_batch_size=t.micro_batch_size,
+            global_batch_size=t.global_batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size,
+        )
+        return self.eval_loader
+
+    def eval_batches(self) -> int:
+        """Global batches per evaluation: train.eval_batches, else enough to cover
+        the eval set once (the last batch wraps around to its first samples)."""
+        n = self.cfg.train.get("eval_batches")
+        if n:
+            return int(n)
+        size = getattr(self.eval_loader, "epoch_len", None)
+        G = self.cfg.train.global_batch_size
+        return max(1, -(-size // G)) if size else 1
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation loss over `eval_batches()` global batches (the same ones every
+        time): the train.loss of all of them at once, forward only, under any layout."""
+        self.eval_loader.micro_step = 0
+        it = iter(self.eval_loader)
+        mbs = [self._to_device(next(it)) for _ in range(self.eval_batches() * self.num_microbatches)]
+        if self.ctx is not None:
+            mbs = self.ctx.prepare_micro_batches(self.adapter, mbs, self.dev)
+        n_label = sum(self.adapter.count_label_tokens(mb) for mb in mbs)
+        n_samples = sum(self.adapter.count_samples(mb) for mb in mbs)
+        if self.ctx is not None:
+            n_label, n_samples = self.ctx.dp_sum_ints(n_label, n_samples)
+        norm = n_label if self.loss_type == "token_mean" else LossNorm(self.loss_type, n_label, n_samples)
+        self.model.eval()
+        try:
+            if self.ctx is None or self.ctx.num_stages == 1:
+                loss = sum((self.forward(mb, {}, norm).float().cpu() for mb in mbs), torch.zeros(()))
+            else:
+                loss = self.ctx.run_forward_only(self, mbs, norm)
+            if self.ctx is not None:
+                loss = self.ctx.reduce_loss(loss)
+        finally:
+            self.model.train()
+        return {"step": self.step, "eval_loss": float(loss), "eval_tokens": int(n_label)}
 
     # ---- one step -----------------------------------------------------------
     def _to_device(self, mb: dict) -> dict:
@@ -227,6 +284,11 @@ class Trainer:
         cfg = self.cfg.train
         if self.loader is None:
             self.build_data()
+        eval_every = int(cfg.get("eval_every") or 0)
+        if eval_every and self.eval_loader is None:  # (config.validate: data.eval is set)
+            self.build_eval_data()
+        elif not eval_every and self.cfg.data.get("eval") and self.is_logging_rank:
+            log.warning("data.eval is set but train.eval_every=0: no validation runs (set train.eval_every=N)")
         self.maybe_resume(run_dir)
         it = iter(self.loader)
         logger = MetricsLogger(
@@ -260,6 +322,10 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     logger.log(row)
                 logger.advance()
+                if eval_every and (self.step % eval_every == 0 or self.step == cfg.steps):
+                    ev = self.evaluate()
+                    row.update(ev)
+                    logger.log_eval(ev)
                 if cfg.save_every > 0 and (self.step % cfg.save_every == 0 or self.step == cfg.steps):
                     self.save(run_dir)
         finally:

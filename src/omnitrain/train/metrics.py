@@ -1,5 +1,5 @@
 """Per-step metrics: one JSON line per logged step, one readable stdout line,
-and a progress bar on long runs."""
+and a progress bar with ETA when stdout is a terminal (none in logs and pipes)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import math
 import sys
 from pathlib import Path
 
-# Runs at least this long get a progress bar (on stderr, only on a terminal).
-PROGRESS_MIN_STEPS = 50
 
 
 class MetricsLogger:
@@ -31,10 +29,8 @@ class MetricsLogger:
         drop_rows_after(self.path, start_step)
         # Append: a resumed run continues the same file.
         self._file = open(self.path, "a", buffering=1)
-        if progress and total_steps >= PROGRESS_MIN_STEPS and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, leave=False)
+        if progress and sys.stdout.isatty():
+            self._bar = ProgressBar(sys.stdout, total_steps, start_step)
 
     def log(self, row: dict) -> None:
         if not self.enabled:
@@ -53,6 +49,19 @@ class MetricsLogger:
         else:
             print(line, flush=True)
 
+    def log_eval(self, row: dict) -> None:
+        """A validation row ({step, eval_loss, eval_tokens}): metrics.jsonl, TensorBoard eval/loss, a console line."""
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(row, allow_nan=True) + "\n")
+        if self._tb is not None:
+            self._tb.add_scalar("eval/loss", float(row["eval_loss"]), row["step"])
+        line = f"step {row['step']:>{len(str(self.total))}}/{self.total} | eval loss {row['eval_loss']:.4f} ({row['eval_tokens']} tokens)"
+        if self._bar is not None:
+            self._bar.write(line)
+        else:
+            print(line, flush=True)
+
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:
             self._bar.update(n)
@@ -60,6 +69,7 @@ class MetricsLogger:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+            self._bar = None
         if self._tb is not None:
             self._tb.close()
         if self._file is not None:
@@ -113,3 +123,50 @@ def format_row(row: dict, total: int) -> str:
     if "bubble" in row:
         parts.append(f"bubble {row['bubble']:.0%}")
     return " | ".join(parts)
+
+
+def format_duration(seconds: float) -> str:
+    """1:02:03, 2:03 or 0:05."""
+    s = int(round(max(0.0, seconds)))
+    h, rest = divmod(s, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def progress_text(done: int, total: int, elapsed_s: float, start: int = 0, width: int = 24) -> str:
+    """`[#########...............] 12/40 30% 0:24<0:56`: steps done of total, time
+    so far < time left at this run's pace (steps before `start` came from a
+    checkpoint and do not count for the pace)."""
+    frac = done / total if total else 1.0
+    filled = int(width * frac)
+    ran = done - start
+    eta = format_duration(elapsed_s / ran * (total - done)) if ran > 0 else "?"
+    return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {frac:.0%} {format_duration(elapsed_s)}<{eta}"
+
+
+class ProgressBar:
+    """One line redrawn in place on a terminal; log lines are written above it."""
+
+    def __init__(self, stream, total: int, start: int = 0):
+        import time
+
+        self.stream, self.total, self.start, self.done = stream, total, start, start
+        self._clock = time.perf_counter
+        self._t0 = self._clock()
+        self._draw()
+
+    def _draw(self) -> None:
+        self.stream.write("\r\033[K" + progress_text(self.done, self.total, self._clock() - self._t0, self.start))
+        self.stream.flush()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        self._draw()
+
+    def write(self, line: str) -> None:
+        self.stream.write("\r\033[K" + line + "\n")
+        self._draw()
+
+    def close(self) -> None:
+        self.stream.write("\r\033[K")
+        self.stream.flush()

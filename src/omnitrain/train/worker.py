@@ -10,9 +10,10 @@ from omnitrain import device, launch
 from omnitrain.train.loop import Trainer, save_resolved_config
 
 
-def worker(cfg, make_loader=None, on_end=None) -> list[dict]:
+def worker(cfg, make_loader=None, on_end=None, make_eval_loader=None) -> list[dict]:
     """`make_loader(dp_rank, dp_size)`, if given, replaces the configured data
-    (tests feed synthetic micro-batches through the real loop this way);
+    (tests feed synthetic micro-batches through the real loop this way), and
+    `make_eval_loader` the validation data (data.eval);
     `on_end(trainer)` runs on every rank after training (tests collect state)."""
     from omnitrain.models.family import build_family
 
@@ -32,6 +33,8 @@ def worker(cfg, make_loader=None, on_end=None) -> list[dict]:
         trainer = Trainer(cfg, family, dist_ctx=ctx)
         if make_loader is not None:
             trainer.loader = make_loader(trainer.dp_rank, trainer.dp_size)
+        if make_eval_loader is not None:
+            trainer.eval_loader = make_eval_loader(trainer.dp_rank, trainer.dp_size)
         if ctx is None or ctx.is_logging_rank:
             save_resolved_config(cfg, cfg.train.output_dir)
         rows = trainer.fit(cfg.train.output_dir)

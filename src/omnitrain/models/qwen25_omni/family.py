@@ -84,6 +84,9 @@ class Qwen25OmniThinker(Qwen25VL):
     }
     hf_names = (("model.visual.", "visual."), ("model.audio_tower.", "audio_tower."), ("model.language_model.", "model."))
     # A thinker folder, or a whole Qwen2.5-Omni folder (thinker + talker + token2wav).
+    # model.trainable=sft: both encoders frozen except their projectors (vision
+    # merger, audio proj), the LLM trained.
+    sft_trainable = {"vision": {"train": False, "except": ["merger"]}, "audio": {"train": False, "except": ["proj"]}, "llm": True}
     hf_model_types = {"qwen2_5_omni_thinker": ("", None), "qwen2_5_omni": ("thinker.", "thinker_config")}
 
     def undeclared_config_keys(self):

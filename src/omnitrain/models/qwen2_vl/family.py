@@ -92,6 +92,8 @@ class Qwen2VL(ModelFamily):
     tp_head_attrs = {"vision": (("model.visual.blocks.*.attn", "num_heads"),)}
     hf_names = (("model.visual.", "visual."), ("model.language_model.", "model."))
     hf_model_types = {"qwen2_vl": ("", None)}
+    # model.trainable=sft: the vision tower frozen, its merger (the projector) and the LLM trained.
+    sft_trainable = {"vision": {"train": False, "except": ["merger"]}, "llm": True}
 
     # ---- vision -----------------------------------------------------------
     def encode(self, module, model, plan, view, out):

@@ -1,0 +1,51 @@
+"""Validation (data.eval, train.eval_every): the eval loss is forward only,
+the same batches every time, logged to metrics.jsonl; under pp2 (forward
+through the pipeline) it equals the single process's."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+
+import _synth
+from omnitrain import launch
+from omnitrain.config import ConfigError, validate
+from omnitrain.train.worker import worker
+from test_resume import PP2, _cfg, _loader
+
+# Validation samples: other kinds and positions than the training stream's.
+EVAL_KINDS = [dict(text=30), dict(image=(1, 4, 8), text=12), dict(audio=240, text=10)]
+
+
+def _eval_loader(dp_rank, dp_size):
+    return _synth.SynthLoader(global_batch_size=2, micro_batch_size=1, dp_rank=dp_rank, dp_size=dp_size, kinds=EVAL_KINDS)
+
+
+def _run(tmp_path, name, layout):
+    run = tmp_path / name
+    cfg = _cfg(run, [*layout, "data.eval=[my_eval]", "train.eval_every=1", "train.eval_batches=2"], steps=2)
+    rows = launch.launch(worker, 2 if layout != ["parallel=single"] else 1, cfg, _loader, None, _eval_loader)
+    return rows, [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_eval_loss_pp2_equals_single_and_is_logged(tmp_path):
+    single, logged = _run(tmp_path, "single", ["parallel=single"])
+    pp2, _ = _run(tmp_path, "pp2", PP2)
+    ev = [r["eval_loss"] for r in single]
+    assert len(ev) == 2 and ev[0] != ev[1]  # evaluated after each step, the model changed between
+    assert [r["eval_tokens"] for r in single][0] > 0
+    for a, b in zip([r["eval_loss"] for r in pp2], ev):
+        assert abs(a - b) / abs(b) < 1e-5, (pp2, single)
+    rows = [r for r in logged if "eval_loss" in r]
+    assert [r["step"] for r in rows] == [1, 2] and [r["eval_loss"] for r in rows] == pytest.approx(ev)
+    # training losses are untouched by the evaluation in between
+    assert all("loss" in r for r in logged if "eval_loss" not in r)
+
+
+def test_eval_every_needs_eval_data(tmp_path):
+    from conftest import compose_cfg
+
+    with pytest.raises(ConfigError, match=r"train.eval_every=5: no validation data; set data.eval"):
+        validate(compose_cfg(["train.eval_every=5"]))
