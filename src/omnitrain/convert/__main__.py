@@ -4,9 +4,11 @@
         HF folder of any family (for an omni model: its thinker, or the whole
         model) -> checkpoint OUT_DIR (a step dir with model tensors only):
         train with train.resume=OUT_DIR.
-    python -m omnitrain.convert mm_to_hf CKPT OUT_DIR [--config RUN/config.yaml] [--dtype bf16]
+    python -m omnitrain.convert mm_to_hf CKPT OUT_DIR [--config RUN/config.yaml] [--dtype bf16] [--base HF_DIR]
         checkpoint (step dir or run dir) -> HF folder: config.json, safetensors
         shards + index, tokenizer/processor; loads with from_pretrained.
+        --base: merged into the folder the run started from, a folder of its
+        kind (a whole Qwen2.5-Omni folder keeps its talker and token2wav).
     python -m omnitrain.convert resplit CKPT OUT_RUN_DIR parallel=pp2 [overrides...]
         the checkpoint re-saved as the given layout's ranks would save it
         (OUT_RUN_DIR/checkpoints/step_<N>), optimizer and step included.
@@ -203,8 +205,70 @@ def _check_tied(step_dir: Path, saved: dict, tied: dict[str, str]) -> None:
             )
 
 
-def mm_to_hf(ckpt: str, out: str, config: str | None = None, dtype: str = "fp32", max_shard_bytes: int = 5 * 2**30, processor: bool = True) -> Path:
-    """Checkpoint -> HF folder, one output shard in memory at a time."""
+# Files of a base folder that are weights (rewritten), not copied as they are.
+_WEIGHT_FILES = ("*.safetensors", hf.INDEX, "pytorch_model*.bin", "pytorch_model.bin.index.json")
+
+
+def _base_plan(base: str, family, expected: dict) -> tuple[str, dict[str, str], dict[str, str]]:
+    """For `mm_to_hf --base`: (prefix of the trained model's tensors in the base,
+    the base's file key -> its dtype name for every tensor, the base's other
+    tensors: key -> file). The base must be a folder of the checkpoint's
+    family whose tensors of the trained model have the checkpoint's names and
+    shapes; else one ConvertError, before anything is written."""
+    from safetensors import safe_open
+
+    config = hf.folder_config(base)
+    kind, arch = config.get("model_type"), ", ".join(config.get("architectures") or []) or "?"
+    if kind not in type(family).hf_model_types:
+        raise ConvertError(
+            f"--base {base} holds a {kind!r} model ({arch}); the checkpoint is a {family.hf_architecture} "
+            f"(model_type {' or '.join(type(family).hf_model_types)}): give the folder it was trained from"
+        )
+    _, prefix, _ = hf.read_config(base, family)
+    wm = hf.weight_map(base)
+    dtypes, shapes, rest = {}, {}, {}
+    for file in sorted(set(wm.values())):
+        with safe_open(Path(base) / file, "pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                dtypes[key] = sl.get_dtype()
+                if key.startswith(prefix):
+                    shapes[family.from_hf_name(key[len(prefix):])] = tuple(sl.get_shape())
+                else:
+                    rest[key] = file
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = [f"{prefix + family.to_hf_name(k)} {shapes[k]} in the base vs {expected[k]}" for k in expected if k in shapes and shapes[k] != expected[k]]
+    if missing or unexpected or wrong:
+        raise ConvertError(
+            f"--base {base} does not match the checkpoint's {family.hf_architecture}: missing in the base "
+            f"{hf._listing([family.to_hf_name(k) for k in missing]) or '-'}; not in the checkpoint "
+            f"{hf._listing([prefix + family.to_hf_name(k) for k in unexpected]) or '-'}; shapes {hf._listing(wrong, 4) or '-'}"
+        )
+    return prefix, dtypes, rest
+
+
+def _copy_base_files(base: Path, tmp: Path) -> None:
+    """Config, generation config, processor, tokenizer, speakers...: as the base has them."""
+    import fnmatch
+
+    for f in sorted(base.iterdir()):
+        if f.is_file() and not f.name.startswith(".") and not any(fnmatch.fnmatch(f.name, p) for p in _WEIGHT_FILES):
+            shutil.copy2(f, tmp / f.name)
+
+
+def mm_to_hf(
+    ckpt: str, out: str, config: str | None = None, dtype: str | None = None, max_shard_bytes: int = 5 * 2**30,
+    processor: bool = True, base: str | None = None,
+) -> Path:
+    """Checkpoint -> HF folder, one output shard in memory at a time.
+
+    With `base` (the folder the run started from): a folder of the base's
+    kind, i.e. the trained tensors under the base's names and prefix (a whole
+    Qwen2.5-Omni folder: `thinker.`), every other tensor of the base (talker,
+    token2wav) copied unchanged, and the base's other files (config,
+    processor, speakers) as they are. `dtype` (fp32 | bf16) is the trained
+    tensors' dtype: fp32 by default, each tensor as in the base with `base`."""
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
     from torch.distributed.checkpoint import DefaultLoadPlanner
@@ -230,45 +294,86 @@ def mm_to_hf(ckpt: str, out: str, config: str | None = None, dtype: str = "fp32"
             f"unexpected {hf._listing(unexpected) or '-'}; shapes {hf._listing(wrong, 4) or '-'}"
         )
     _check_tied(step_dir, saved, {k: v for k, v in tied.items() if k in saved and v in saved})
-    target = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    shards, cur, size = [], [], 0
+    prefix, base_dtypes, rest = _base_plan(base, family, expected) if base else ("", {}, {})
+    named = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    # Output entries: (file key, checkpoint name or None for a base tensor, dtype, bytes).
+    entries = []
     for name in sorted(expected):
-        n = torch.Size(expected[name]).numel() * target.itemsize
+        key = prefix + family.to_hf_name(name)
+        target = named[dtype or "fp32"] if dtype or not base else hf.DTYPES[base_dtypes[key]]
+        entries.append((key, name, target, torch.Size(expected[name]).numel() * target.itemsize))
+    for key in sorted(rest):  # talker, token2wav: the base's tensors as they are
+        entries.append((key, None, None, 0))
+    rest_bytes = _tensor_bytes(base, rest) if rest else {}
+    shards, cur, size = [], [], 0
+    for e in entries:
+        n = e[3] or rest_bytes[e[0]]
         if cur and size + n > max_shard_bytes:
             shards.append(cur)
             cur, size = [], 0
-        cur.append(name)
+        cur.append(e)
         size += n
     shards.append(cur)
 
     out = Path(out)
     tmp = _fresh_output(out)
     try:
-        index = {}
-        for i, names in enumerate(shards):
+        index, total = {}, 0
+        for i, group in enumerate(shards):
             file = hf.SINGLE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            names = [e[1] for e in group if e[1] is not None]
             state = {"model": {k: torch.empty(expected[k], dtype=saved[k].properties.dtype) for k in names}}
-            with checkpoint._single_process_ok():
-                dcp.load(state, checkpoint_id=str(step_dir), planner=DefaultLoadPlanner(allow_partial_load=True))
-            save_file({family.to_hf_name(k): v.to(target).contiguous() for k, v in state["model"].items()}, str(tmp / file), metadata={"format": "pt"})
-            index.update({family.to_hf_name(k): file for k in names})
-            del state
+            if names:
+                with checkpoint._single_process_ok():
+                    dcp.load(state, checkpoint_id=str(step_dir), planner=DefaultLoadPlanner(allow_partial_load=True))
+            tensors = {key: state["model"][name].to(target).contiguous() for key, name, target, _ in group if name is not None}
+            tensors.update(_read_base(base, [e[0] for e in group if e[1] is None], rest))
+            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+            index.update({key: file for key in tensors})
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            del state, tensors
         if len(shards) > 1:
-            total = sum(torch.Size(s).numel() * target.itemsize for s in expected.values())
             (tmp / hf.INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=1))
-        hf_config.architectures = [family.hf_architecture]
-        hf_config.dtype = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
-        hf_config.save_pretrained(tmp)
-        if processor and model_cfg is not None:
+        if base:
+            _copy_base_files(Path(base), tmp)
+        else:
+            hf_config.architectures = [family.hf_architecture]
+            hf_config.dtype = {"fp32": "float32", "bf16": "bfloat16"}[dtype or "fp32"]
+            hf_config.save_pretrained(tmp)
+        if processor and model_cfg is not None and not base:
             from omnitrain.data import load_processor
 
             load_processor(model_cfg).save_pretrained(tmp)
-        elif processor:
+        elif processor and not base:
             log.warning("no run config.yaml: no processor/tokenizer written (pass --config)")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _publish(tmp, out)
+    return out
+
+
+def _tensor_bytes(base: str, keys: dict[str, str]) -> dict[str, int]:
+    from safetensors import safe_open
+
+    out = {}
+    for file in sorted(set(keys.values())):
+        with safe_open(Path(base) / file, "pt") as f:
+            for key in (k for k, v in keys.items() if v == file):
+                sl = f.get_slice(key)
+                out[key] = torch.Size(sl.get_shape()).numel() * hf.DTYPES.get(sl.get_dtype(), torch.float32).itemsize
+    return out
+
+
+def _read_base(base: str | None, keys: list[str], files: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The base's tensors `keys`, as stored (same dtype, same bytes)."""
+    from safetensors import safe_open
+
+    out = {}
+    for file in sorted({files[k] for k in keys}):
+        with safe_open(Path(base) / file, "pt") as f:
+            for key in (k for k in keys if files[k] == file):
+                out[key] = f.get_tensor(key)
     return out
 
 
@@ -376,7 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("ckpt")
     b.add_argument("out")
     b.add_argument("--config", help="the run's config.yaml (default: next to the checkpoint)")
-    b.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    b.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="trained tensors' dtype (default fp32; with --base, the base's)")
+    b.add_argument("--base", help="the HF folder the run started from: write a folder of its kind (a whole Qwen2.5-Omni "
+                   "folder keeps its talker and token2wav), with its config and processor files")
     b.add_argument("--max-shard-gb", type=float, default=5.0)
     b.add_argument("--no-processor", action="store_true", help="weights and config only")
     c = sub.add_parser("resplit", help="re-save a checkpoint as another layout")
@@ -393,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "hf_to_mm":
             path = hf_to_mm(args.hf_dir, args.out, args.dtype)
         elif args.cmd == "mm_to_hf":
-            path = mm_to_hf(args.ckpt, args.out, args.config, args.dtype, int(args.max_shard_gb * 2**30), not args.no_processor)
+            path = mm_to_hf(args.ckpt, args.out, args.config, args.dtype, int(args.max_shard_gb * 2**30), not args.no_processor, args.base)
         else:
             path = resplit(args.ckpt, args.out, args.overrides, args.config)
         log.info("wrote %s", path)
