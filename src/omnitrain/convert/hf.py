@@ -227,6 +227,10 @@ def materialize(family, model: nn.Module, prefixes, folder: str | Path, device, 
                 loaded[k] = t.to(device=device, dtype=want)
     # assign=True makes the read tensors the module's own (no copy into a fresh allocation).
     model.load_state_dict(loaded, strict=False, assign=True)
+    # A tied head is not in the files: share the embedding's tensor (HF's own tying).
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if any(params[a].is_meta and not params[s].is_meta for a, s in tied_keys(model).items() if a in params and s in params):
+        model.tie_weights()
     # What the files do not hold (non-persistent buffers) is computed as build's init does.
     for prefix in prefixes:
         for name, sub in modules[prefix].named_modules(prefix=prefix):
