@@ -249,7 +249,39 @@ def _rewrite(src: Path, dst: Path, edit) -> Path:
     return dst
 
 
-def test_bad_folders_and_bases_are_one_line_and_write_nothing(folders, trained, tmp_path, capsys):
+def _load_stats(out):
+    def on_end(trainer):
+        rank = trainer.ctx.rank if trainer.ctx else 0
+        (Path(out) / f"load_{rank}.json").write_text(json.dumps(trainer.adapter.last_load))
+
+    return on_end
+
+
+def test_pipeline_stages_read_their_own_tensors_and_match_single(folders, tmp_path):
+    """pp2 from the folder: each rank reads only its stage's tensors (together each
+    tensor once), and the run's losses equal the single-process run's."""
+    from omnitrain import launch
+    from omnitrain.parallel.context import check_layout, world_size_for
+    from omnitrain.train.worker import worker
+
+    def train(out, layout):
+        cfg = _hf_cfg(folders["vl"], out, ["train.steps=2", "train.global_batch_size=2", "train.micro_batch_size=1", "train.progress=false",
+                                           "parallel.timeout_s=60", *layout])
+        check_layout(cfg, build_family(cfg.model))
+        loader = lambda r, n: _synth.SynthLoader(global_batch_size=2, micro_batch_size=1, dp_rank=r, dp_size=n, kinds=_synth.KINDS_VL)  # noqa: E731
+        out.mkdir(parents=True)
+        rows = launch.launch(worker, world_size_for(cfg), cfg, loader, _load_stats(out), timeout_s=120)
+        return [r["loss"] for r in rows], [json.loads((out / f"load_{i}.json").read_text()) for i in range(world_size_for(cfg))]
+
+    single, (whole,) = train(tmp_path / "single", ["parallel=single"])
+    pp2, stages = train(tmp_path / "pp2", ["parallel=vl7b_pp2", "parallel.pp.layers.vision=[4,0]", "parallel.pp.layers.llm=[2,2]"])
+    assert len(single) == len(pp2) == 2 and all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(single, pp2)), (single, pp2)
+    assert sum(s["tensors"] for s in stages) == whole["tensors"] and sum(s["bytes"] for s in stages) == whole["bytes"], (stages, whole)
+    assert all(0 < s["bytes"] < whole["bytes"] for s in stages)
+
+
+def test_bad_folders_and_bases_are_one_line_and_write_nothing(folders, trained, tmp_path, capsys, monkeypatch):
+    from omnitrain import launch
     from omnitrain.__main__ import run
     from omnitrain.errors import run_cli
 
@@ -265,6 +297,7 @@ def test_bad_folders_and_bases_are_one_line_and_write_nothing(folders, trained, 
     assert "LlamaForCausalLM" in lines[0] and all(f in lines[0] for f in ("qwen25_omni", "qwen25_vl", "qwen2_vl")), lines
     assert not (tmp_path / "r0").exists()
     # A tensor missing, or of another shape than the folder's own config: refused before launch.
+    monkeypatch.setattr(launch, "launch", lambda *a, **k: pytest.fail("launched a bad folder"))
     gone = _rewrite(vl, tmp_path / "gone", lambda t: t.pop("model.layers.3.mlp.up_proj.weight"))
     with pytest.raises(HFFormatError, match=r"1 missing: model\.layers\.3\.mlp\.up_proj\.weight"):
         run(_hf_cfg(gone, tmp_path / "r1", TRAIN))
@@ -272,6 +305,7 @@ def test_bad_folders_and_bases_are_one_line_and_write_nothing(folders, trained, 
     with pytest.raises(HFFormatError, match=r"1 shape mismatches: model\.layers\.0\.mlp\.up_proj\.weight \(130, 64\) vs config \(128, 64\)"):
         run(_hf_cfg(wide, tmp_path / "r2", TRAIN))
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+    monkeypatch.undo()
     # A base that is not what the checkpoint was trained from: one line, nothing written.
     run_dir, _ = trained("vl")
     with pytest.raises(ConvertError, match=r"--base .*omni holds a 'qwen2_5_omni' model \(Qwen2_5OmniForConditionalGeneration\)"):

@@ -8,7 +8,8 @@
         checkpoint (step dir or run dir) -> HF folder: config.json, safetensors
         shards + index, tokenizer/processor; loads with from_pretrained.
         --base: merged into the folder the run started from, a folder of its
-        kind (a whole Qwen2.5-Omni folder keeps its talker and token2wav).
+        kind (a folder that nests the trained model in a larger one, e.g. a
+        whole omni folder, keeps the rest: talker, token2wav).
     python -m omnitrain.convert resplit CKPT OUT_RUN_DIR parallel=pp2 [overrides...]
         the checkpoint re-saved as the given layout's ranks would save it
         (OUT_RUN_DIR/checkpoints/step_<N>), optimizer and step included.
@@ -264,9 +265,9 @@ def mm_to_hf(
     """Checkpoint -> HF folder, one output shard in memory at a time.
 
     With `base` (the folder the run started from): a folder of the base's
-    kind, i.e. the trained tensors under the base's names and prefix (a whole
-    Qwen2.5-Omni folder: `thinker.`), every other tensor of the base (talker,
-    token2wav) copied unchanged, and the base's other files (config,
+    kind, i.e. the trained tensors under the base's names and prefix (the
+    family's `hf_model_types`, e.g. `thinker.` in a whole omni folder), every
+    other tensor of the base (talker, token2wav) copied unchanged, and the base's other files (config,
     processor, speakers) as they are. `dtype` (fp32 | bf16) is the trained
     tensors' dtype: fp32 by default, each tensor as in the base with `base`."""
     import torch.distributed.checkpoint as dcp
@@ -482,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("out")
     b.add_argument("--config", help="the run's config.yaml (default: next to the checkpoint)")
     b.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="trained tensors' dtype (default fp32; with --base, the base's)")
-    b.add_argument("--base", help="the HF folder the run started from: write a folder of its kind (a whole Qwen2.5-Omni "
+    b.add_argument("--base", help="the HF folder the run started from: write a folder of its kind (a whole omni "
                    "folder keeps its talker and token2wav), with its config and processor files")
     b.add_argument("--max-shard-gb", type=float, default=5.0)
     b.add_argument("--no-processor", action="store_true", help="weights and config only")
