@@ -5,13 +5,14 @@ one process; and the bytes each rank of a 4-stage pipeline reads.
 
     python scripts/bench_load.py [--small] [--dtype bf16|fp32] [--dir DIR] [--repeats 2]
 
-Writes a folder of Qwen2.5-VL-3B's published shapes (conf/model/qwen25_vl_3b:
-3.75 B parameters, random bf16 weights in 2 GB shards, ~7.5 GB; reused when
-DIR already holds it) or, with --small, of the tiny qwen25_vl (real depths,
+Writes a thinker folder of Qwen2.5-Omni-3B's published shapes
+(conf/model/qwen25_omni_3b: 4.70 B parameters, untied head; random bf16
+weights tiled from one random pool, in 2 GB shards, ~8.8 GiB; reused when
+DIR already holds it) or, with --small, of the tiny qwen25_omni (real depths,
 tiny widths). Both sides load the whole model in `--dtype` on CPU from a warm
 page cache (the files are read once first), alternating, best of
 `--repeats`. Prints `load_ratio=<omnitrain / from_pretrained>` (target <= 1.0)
-and, for a pp4 split balanced by bytes (vision on stage 0), the bytes each
+and, for a pp4 split balanced by bytes (encoders on stage 0), the bytes each
 rank reads and its share of the folder.
 """
 
@@ -43,7 +44,9 @@ def write_folder(family, folder: Path) -> None:
     meta = family.build_meta()
     tied = hf.tied_keys(meta)
     shapes = {family.to_hf_name(k): tuple(v.shape) for k, v in meta.state_dict().items() if k not in tied}
-    g = torch.Generator().manual_seed(0)
+    # Random values from one pool, tiled: a load reads the same bytes whatever they are,
+    # and drawing 3.75 B fresh numbers would take most of the run on a small CPU.
+    pool = (torch.rand(1 << 24, generator=torch.Generator().manual_seed(0)) * 0.04 - 0.02).to(torch.bfloat16)
     shards, cur, size = [], [], 0
     for key, shape in shapes.items():
         n = torch.Size(shape).numel() * 2
@@ -57,7 +60,7 @@ def write_folder(family, folder: Path) -> None:
     t0 = time.perf_counter()
     for i, keys in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {k: (torch.rand(shapes[k], generator=g) * 0.04 - 0.02).to(torch.bfloat16) for k in keys}
+        tensors = {k: _fill(pool, shapes[k], offset=i) for i, k in enumerate(keys)}
         save_file(tensors, str(folder / file), metadata={"format": "pt"})
         index.update({k: file for k in keys})
         del tensors
@@ -67,6 +70,13 @@ def write_folder(family, folder: Path) -> None:
     cfg.architectures = [family.hf_architecture]
     cfg.save_pretrained(folder)
     print(f"wrote {folder}: {len(shapes)} tensors, {total / 2**30:.2f} GiB in {len(shards)} shards, {time.perf_counter() - t0:.1f} s")
+
+
+def _fill(pool: torch.Tensor, shape, offset: int) -> torch.Tensor:
+    n = torch.Size(shape).numel()
+    start = (offset * 7919) % pool.numel()
+    reps = (start + n) // pool.numel() + 1
+    return pool.repeat(reps)[start : start + n].reshape(shape).clone() if reps > 1 else pool[start : start + n].reshape(shape).clone()
 
 
 def warm(folder: Path) -> None:
@@ -112,7 +122,7 @@ def stage_bytes(family, counts: dict[str, list[int]], nbytes: dict[str, int]) ->
 
 
 def balanced_pp4(family, nbytes: dict[str, int]) -> dict[str, list[int]]:
-    """Vision on stage 0; the LLM split whose largest stage (in bytes) is smallest."""
+    """Encoders on stage 0; the LLM split whose largest stage (in bytes) is smallest."""
     depth = family.depths[family.decoder]
     best = None
     for a, b, c in itertools.combinations(range(depth + 3), 3):
@@ -128,7 +138,7 @@ def balanced_pp4(family, nbytes: dict[str, int]) -> dict[str, list[int]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--small", action="store_true", help="the tiny qwen25_vl (real depths, tiny widths) instead of the 3B")
+    ap.add_argument("--small", action="store_true", help="the tiny qwen25_omni (real depths, tiny widths) instead of the 3B")
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     ap.add_argument("--dir", default=None, help="folder to write (default /tmp/omnitrain_bench_load_<size>)")
     ap.add_argument("--repeats", type=int, default=2)
@@ -141,7 +151,7 @@ def main() -> None:
     from omnitrain.models.family import build_family, import_object
 
     register_configs()
-    name = "qwen25_vl" if args.small else "qwen25_vl_3b"
+    name = "qwen25_omni" if args.small else "qwen25_omni_3b"
     with initialize_config_dir(config_dir=CONF, version_base=None):
         cfg = compose("config", overrides=[f"model={name}"])
     folder = Path(args.dir or f"/tmp/omnitrain_bench_load_{'small' if args.small else '3b'}")

@@ -137,6 +137,8 @@ def test_thinker_only_and_qwen2_vl_folders_load_from_their_files(folders, tmp_pa
 
     thinker = tmp_path / "thinker"
     Qwen2_5OmniForConditionalGeneration.from_pretrained(folders["omni"]).thinker.save_pretrained(thinker)
+    with pytest.raises(HFFormatError, match="holds no processor .*model.processor="):
+        build_family(_hf_cfg(thinker, tmp_path).model)
     _ship_processor(thinker, "qwen25_omni_tiny")
     whole = build_family(_hf_cfg(folders["omni"], tmp_path).model)
     only = build_family(_hf_cfg(thinker, tmp_path).model)

@@ -267,8 +267,8 @@ def mm_to_hf(
     With `base` (the folder the run started from): a folder of the base's
     kind, i.e. the trained tensors under the base's names and prefix (the
     family's `hf_model_types`, e.g. `thinker.` in a whole omni folder), every
-    other tensor of the base (talker, token2wav) copied unchanged, and the base's other files (config,
-    processor, speakers) as they are. `dtype` (fp32 | bf16) is the trained
+    other tensor of the base (talker, token2wav) copied unchanged, and the
+    base's other files (config, processor, speakers) as they are. `dtype` (fp32 | bf16) is the trained
     tensors' dtype: fp32 by default, each tensor as in the base with `base`."""
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
@@ -341,12 +341,12 @@ def mm_to_hf(
             hf_config.architectures = [family.hf_architecture]
             hf_config.dtype = {"fp32": "float32", "bf16": "bfloat16"}[dtype or "fp32"]
             hf_config.save_pretrained(tmp)
-        if processor and model_cfg is not None and not base:
-            from omnitrain.data import load_processor
+            if processor and model_cfg is not None:
+                from omnitrain.data import load_processor
 
-            load_processor(model_cfg).save_pretrained(tmp)
-        elif processor and not base:
-            log.warning("no run config.yaml: no processor/tokenizer written (pass --config)")
+                load_processor(model_cfg).save_pretrained(tmp)
+            elif processor:
+                log.warning("no run config.yaml: no processor/tokenizer written (pass --config)")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -362,7 +362,7 @@ def _tensor_bytes(base: str, keys: dict[str, str]) -> dict[str, int]:
         with safe_open(Path(base) / file, "pt") as f:
             for key in (k for k, v in keys.items() if v == file):
                 sl = f.get_slice(key)
-                out[key] = torch.Size(sl.get_shape()).numel() * hf.DTYPES.get(sl.get_dtype(), torch.float32).itemsize
+                out[key] = torch.Size(sl.get_shape()).numel() * hf.DTYPES[sl.get_dtype()].itemsize
     return out
 
 

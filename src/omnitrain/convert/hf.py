@@ -154,7 +154,11 @@ def load_hf_weights(family, model: nn.Module, folder: str | Path) -> int:
 
 # ----------------------------------------------------------------------------- fast load
 
-DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+# safetensors' dtype names (headers) -> torch dtypes.
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
 
 
 def check_folder(family, model: nn.Module, folder: str | Path) -> dict[str, tuple[str, str]]:

@@ -32,9 +32,18 @@ def hf_family(path, name: str = "hf", **kwargs):
     """`model=hf`: the family that reads the folder at `path` (its config.json's
     model_type), with the config from the folder. A folder no family reads is
     refused (convert.hf.HFFormatError naming its architecture and the families)."""
-    from omnitrain.convert.hf import read_config
+    from pathlib import Path
+
+    from omnitrain.convert.hf import HFFormatError, read_config
 
     _, _, cls = read_config(path)
+    proc = kwargs.get("processor")
+    marks = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
+    if proc is not None and Path(str(proc)) == Path(path) and not any((Path(path) / m).is_file() for m in marks):
+        raise HFFormatError(
+            f"{path} holds no processor ({', '.join(marks)} absent, e.g. a folder written by save_pretrained "
+            "alone): pass model.processor=<a processor folder or builtin:<name>>"
+        )
     return cls(name=name, path=path, **kwargs)
 
 

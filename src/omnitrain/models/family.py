@@ -116,6 +116,7 @@ class ModelFamily:
         self.transform = transform
         self.init_from = init_from
         self.path = path
+        self.last_load = None  # {tensors, bytes} the last build read from init_from
         self.trainable, self.trainable_except = parse_trainable(trainable, self.module_names, name)
         self.config_class = config_class or self.hf_config_class
         if path is None:
