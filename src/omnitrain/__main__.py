@@ -36,6 +36,10 @@ def run(cfg: DictConfig) -> float:
 
     family = build_family(cfg.model)
     check_finetune(cfg, family)
+    if family.init_from:  # a folder whose tensors do not fit fails here, before any worker starts
+        from omnitrain.convert.hf import check_folder
+
+        check_folder(family, family.build_meta(), family.init_from)
     plans = check_layout(cfg, family)
     nprocs = world_size_for(cfg, family)
     log.info("%s", header(cfg, family, plans, nprocs))

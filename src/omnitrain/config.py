@@ -36,9 +36,13 @@ class ModelConfig:
     # The model family's adapter (omnitrain.models.<family>), built once per process.
     _target_: str = MISSING
     name: str = MISSING
-    # HF config class and its keyword arguments (nested dicts for sub-configs).
-    config_class: str = MISSING
+    # HF config class (null: the family's) and its keyword arguments (nested
+    # dicts for sub-configs); with `path`, keys merged over the folder's config.
+    config_class: Optional[str] = None
     config: Dict[str, Any] = field(default_factory=dict)
+    # An HF folder as it ships (model=hf): architecture and config from its
+    # config.json; model=hf also takes its processor and weights from it.
+    path: Optional[str] = None
     # Processor (tokenizer + media front ends): a folder, or `builtin:<name>`
     # for one shipped in omnitrain/assets.
     processor: str = MISSING
@@ -209,6 +213,12 @@ class Config:
 
 
 def register_configs() -> None:
+    from omegaconf import OmegaConf
+
+    from omnitrain.models import demo_datasets
+
+    # data=demo_hf (model=hf's default data): the demo sets the folder's model can take.
+    OmegaConf.register_new_resolver("omnitrain_demo_datasets", demo_datasets, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(group="schema/model", name="model", node=ModelConfig)

@@ -4,9 +4,12 @@
         HF folder of any family (for an omni model: its thinker, or the whole
         model) -> checkpoint OUT_DIR (a step dir with model tensors only):
         train with train.resume=OUT_DIR.
-    python -m omnitrain.convert mm_to_hf CKPT OUT_DIR [--config RUN/config.yaml] [--dtype bf16] [--merge-lora]
+    python -m omnitrain.convert mm_to_hf CKPT OUT_DIR [--config RUN/config.yaml] [--dtype bf16] [--base HF_DIR] [--merge-lora]
         checkpoint (step dir or run dir) -> HF folder: config.json, safetensors
         shards + index, tokenizer/processor; loads with from_pretrained.
+        --base: merged into the folder the run started from, a folder of its
+        kind (a folder that nests the trained model in a larger one, e.g. a
+        whole omni folder, keeps the rest: talker, token2wav).
         A LoRA checkpoint (model.lora) gives a PEFT adapter folder that
         peft.PeftModel.from_pretrained loads over the HF base (model.init_from),
         or with --merge-lora an HF folder with the adapters merged in.
@@ -264,13 +267,72 @@ def _write_adapter(tmp: Path, step_dir: Path, family, model, saved: dict, run_cf
     save_file(sd, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
+# Files of a base folder that are weights (rewritten), not copied as they are.
+_WEIGHT_FILES = ("*.safetensors", hf.INDEX, "pytorch_model*.bin", "pytorch_model.bin.index.json")
+
+
+def _base_plan(base: str, family, expected: dict) -> tuple[str, dict[str, str], dict[str, str]]:
+    """For `mm_to_hf --base`: (prefix of the trained model's tensors in the base,
+    the base's file key -> its dtype name for every tensor, the base's other
+    tensors: key -> file). The base must be a folder of the checkpoint's
+    family whose tensors of the trained model have the checkpoint's names and
+    shapes; else one ConvertError, before anything is written."""
+    from safetensors import safe_open
+
+    config = hf.folder_config(base)
+    kind, arch = config.get("model_type"), ", ".join(config.get("architectures") or []) or "?"
+    if kind not in type(family).hf_model_types:
+        raise ConvertError(
+            f"--base {base} holds a {kind!r} model ({arch}); the checkpoint is a {family.hf_architecture} "
+            f"(model_type {' or '.join(type(family).hf_model_types)}): give the folder it was trained from"
+        )
+    _, prefix, _ = hf.read_config(base, family)
+    wm = hf.weight_map(base)
+    dtypes, shapes, rest = {}, {}, {}
+    for file in sorted(set(wm.values())):
+        with safe_open(Path(base) / file, "pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                dtypes[key] = sl.get_dtype()
+                if key.startswith(prefix):
+                    shapes[family.from_hf_name(key[len(prefix):])] = tuple(sl.get_shape())
+                else:
+                    rest[key] = file
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = [f"{prefix + family.to_hf_name(k)} {shapes[k]} in the base vs {expected[k]}" for k in expected if k in shapes and shapes[k] != expected[k]]
+    if missing or unexpected or wrong:
+        raise ConvertError(
+            f"--base {base} does not match the checkpoint's {family.hf_architecture}: missing in the base "
+            f"{hf._listing([family.to_hf_name(k) for k in missing]) or '-'}; not in the checkpoint "
+            f"{hf._listing([prefix + family.to_hf_name(k) for k in unexpected]) or '-'}; shapes {hf._listing(wrong, 4) or '-'}"
+        )
+    return prefix, dtypes, rest
+
+
+def _copy_base_files(base: Path, tmp: Path) -> None:
+    """Config, generation config, processor, tokenizer, speakers...: as the base has them."""
+    import fnmatch
+
+    for f in sorted(base.iterdir()):
+        if f.is_file() and not f.name.startswith(".") and not any(fnmatch.fnmatch(f.name, p) for p in _WEIGHT_FILES):
+            shutil.copy2(f, tmp / f.name)
+
+
 def mm_to_hf(
-    ckpt: str, out: str, config: str | None = None, dtype: str = "fp32", max_shard_bytes: int = 5 * 2**30,
-    processor: bool = True, merge_lora: bool = False,
+    ckpt: str, out: str, config: str | None = None, dtype: str | None = None, max_shard_bytes: int = 5 * 2**30,
+    processor: bool = True, merge_lora: bool = False, base: str | None = None,
 ) -> Path:
     """Checkpoint -> HF folder, one output shard in memory at a time. A LoRA
     checkpoint gives a PEFT adapter folder, or with `merge_lora` an HF folder
-    with the adapters folded into the weights (the whole model in memory)."""
+    with the adapters folded into the weights (the whole model in memory).
+
+    With `base` (the folder the run started from): a folder of the base's
+    kind, i.e. the trained tensors under the base's names and prefix (the
+    family's `hf_model_types`, e.g. `thinker.` in a whole omni folder), every
+    other tensor of the base (talker, token2wav) copied unchanged, and the
+    base's other files (config, processor, speakers) as they are. `dtype` (fp32 | bf16) is the trained
+    tensors' dtype: fp32 by default, each tensor as in the base with `base`."""
     from safetensors.torch import save_file
 
     from omnitrain.models.lora import is_lora_name, merge_and_unload
@@ -279,15 +341,17 @@ def mm_to_hf(
     family, model_cfg = _model_family(step_dir, config)
     hf_config = family.hf_config
     saved = _saved_model_tensors(step_dir)
-    target = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    named = {"fp32": torch.float32, "bf16": torch.bfloat16}
     fetch = functools.partial(_load_saved, step_dir, saved)
     if any(is_lora_name(k) for k in saved):
         model, run_cfg = _lora_model(step_dir, saved, family, config)
         if not merge_lora:
+            if base:
+                raise ConvertError(f"--base writes a whole HF folder, but {step_dir} holds LoRA adapters: add --merge-lora")
             out = Path(out)
             tmp = _fresh_output(out)
             try:
-                _write_adapter(tmp, step_dir, family, model, saved, run_cfg, target)
+                _write_adapter(tmp, step_dir, family, model, saved, run_cfg, named[dtype or "fp32"])
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -315,42 +379,82 @@ def mm_to_hf(
             f"unexpected {hf._listing(unexpected) or '-'}; shapes {hf._listing(wrong, 4) or '-'}"
         )
     _check_tied(fetch, {k: v for k, v in tied.items() if k in saved and v in saved}, step_dir)
-    shards, cur, size = [], [], 0
+    prefix, base_dtypes, rest = _base_plan(base, family, expected) if base else ("", {}, {})
+    # Output entries: (file key, checkpoint name or None for a base tensor, dtype, bytes).
+    entries = []
     for name in sorted(expected):
-        n = torch.Size(expected[name]).numel() * target.itemsize
+        key = prefix + family.to_hf_name(name)
+        target = named[dtype or "fp32"] if dtype or not base else hf.DTYPES[base_dtypes[key]]
+        entries.append((key, name, target, torch.Size(expected[name]).numel() * target.itemsize))
+    for key in sorted(rest):  # talker, token2wav: the base's tensors as they are
+        entries.append((key, None, None, 0))
+    rest_bytes = _tensor_bytes(base, rest) if rest else {}
+    shards, cur, size = [], [], 0
+    for e in entries:
+        n = e[3] or rest_bytes[e[0]]
         if cur and size + n > max_shard_bytes:
             shards.append(cur)
             cur, size = [], 0
-        cur.append(name)
+        cur.append(e)
         size += n
     shards.append(cur)
 
     out = Path(out)
     tmp = _fresh_output(out)
     try:
-        index = {}
-        for i, names in enumerate(shards):
+        index, total = {}, 0
+        for i, group in enumerate(shards):
             file = hf.SINGLE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            tensors = fetch(names)
-            save_file({family.to_hf_name(k): v.to(target).contiguous() for k, v in tensors.items()}, str(tmp / file), metadata={"format": "pt"})
-            index.update({family.to_hf_name(k): file for k in names})
-            del tensors
+            names = [e[1] for e in group if e[1] is not None]
+            fetched = fetch(names) if names else {}
+            tensors = {key: fetched[name].to(target).contiguous() for key, name, target, _ in group if name is not None}
+            tensors.update(_read_base(base, [e[0] for e in group if e[1] is None], rest))
+            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+            index.update({key: file for key in tensors})
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            del fetched, tensors
         if len(shards) > 1:
-            total = sum(torch.Size(s).numel() * target.itemsize for s in expected.values())
             (tmp / hf.INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=1))
-        hf_config.architectures = [family.hf_architecture]
-        hf_config.dtype = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
-        hf_config.save_pretrained(tmp)
-        if processor and model_cfg is not None:
-            from omnitrain.data import load_processor
+        if base:
+            _copy_base_files(Path(base), tmp)
+        else:
+            hf_config.architectures = [family.hf_architecture]
+            hf_config.dtype = {"fp32": "float32", "bf16": "bfloat16"}[dtype or "fp32"]
+            hf_config.save_pretrained(tmp)
+            if processor and model_cfg is not None:
+                from omnitrain.data import load_processor
 
-            load_processor(model_cfg).save_pretrained(tmp)
-        elif processor:
-            log.warning("no run config.yaml: no processor/tokenizer written (pass --config)")
+                load_processor(model_cfg).save_pretrained(tmp)
+            elif processor:
+                log.warning("no run config.yaml: no processor/tokenizer written (pass --config)")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _publish(tmp, out)
+    return out
+
+
+def _tensor_bytes(base: str, keys: dict[str, str]) -> dict[str, int]:
+    from safetensors import safe_open
+
+    out = {}
+    for file in sorted(set(keys.values())):
+        with safe_open(Path(base) / file, "pt") as f:
+            for key in (k for k, v in keys.items() if v == file):
+                sl = f.get_slice(key)
+                out[key] = torch.Size(sl.get_shape()).numel() * hf.DTYPES[sl.get_dtype()].itemsize
+    return out
+
+
+def _read_base(base: str | None, keys: list[str], files: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The base's tensors `keys`, as stored (same dtype, same bytes)."""
+    from safetensors import safe_open
+
+    out = {}
+    for file in sorted({files[k] for k in keys}):
+        with safe_open(Path(base) / file, "pt") as f:
+            for key in (k for k in keys if files[k] == file):
+                out[key] = f.get_tensor(key)
     return out
 
 
@@ -458,7 +562,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("ckpt")
     b.add_argument("out")
     b.add_argument("--config", help="the run's config.yaml (default: next to the checkpoint)")
-    b.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    b.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="trained tensors' dtype (default fp32; with --base, the base's)")
+    b.add_argument("--base", help="the HF folder the run started from: write a folder of its kind (a whole omni "
+                   "folder keeps its talker and token2wav), with its config and processor files")
     b.add_argument("--max-shard-gb", type=float, default=5.0)
     b.add_argument("--no-processor", action="store_true", help="weights and config only")
     b.add_argument("--merge-lora", action="store_true", help="fold a LoRA checkpoint's adapters into the weights (else a PEFT adapter folder)")
@@ -476,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "hf_to_mm":
             path = hf_to_mm(args.hf_dir, args.out, args.dtype)
         elif args.cmd == "mm_to_hf":
-            path = mm_to_hf(args.ckpt, args.out, args.config, args.dtype, int(args.max_shard_gb * 2**30), not args.no_processor, args.merge_lora)
+            path = mm_to_hf(args.ckpt, args.out, args.config, args.dtype, int(args.max_shard_gb * 2**30), not args.no_processor,
+                            merge_lora=args.merge_lora, base=args.base)
         else:
             path = resplit(args.ckpt, args.out, args.overrides, args.config)
         log.info("wrote %s", path)

@@ -150,3 +150,102 @@ def load_hf_weights(family, model: nn.Module, folder: str | Path) -> int:
                 for k in names:
                     owned[k].copy_(f.get_tensor(available[k][1]))
     return len(owned)
+
+
+# ----------------------------------------------------------------------------- fast load
+
+# safetensors' dtype names (headers) -> torch dtypes.
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def check_folder(family, model: nn.Module, folder: str | Path) -> dict[str, tuple[str, str]]:
+    """Every tensor of `model` (a whole model, on meta is enough) is in the
+    folder with its shape, and the folder holds nothing else of the trained
+    model; reads only the files' headers. Returns `model_tensors`. Raises one
+    HFFormatError listing what is missing, unexpected or of another shape."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    available = model_tensors(family, folder)
+    state = model.state_dict()
+    expected = set(state) - set(tied_keys(model))
+    missing = sorted(expected - set(available))
+    unexpected = sorted(set(available) - set(state))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing: {_listing([family.to_hf_name(k) for k in missing])}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected: {_listing([available[k][1] for k in unexpected])}")
+    shapes = []
+    for file, names in _by_file(available, expected & set(available)).items():
+        with safe_open(folder / file, "pt") as f:
+            for k in names:
+                shape = tuple(f.get_slice(available[k][1]).get_shape())
+                if shape != tuple(state[k].shape):
+                    shapes.append(f"{available[k][1]} {shape} vs config {tuple(state[k].shape)}")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches: {_listing(shapes, 4)}")
+    if problems:
+        raise HFFormatError(f"{folder} does not fit model {family.name} (its tensors vs the config): " + "; ".join(problems))
+    return available
+
+
+def _by_file(available: dict, names) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for k in sorted(names):
+        out.setdefault(available[k][0], []).append(k)
+    return out
+
+
+def materialize(family, model: nn.Module, prefixes, folder: str | Path, device, seed: int, dtype: torch.dtype | None = None) -> dict:
+    """Materialize the modules at `prefixes` of a meta-device `model` straight
+    from an HF folder: each parameter and persistent buffer is read from its
+    safetensors file (only these keys; safetensors reads them by offset) and
+    becomes the module's tensor on `device`, in `dtype` (default: the meta
+    tensor's dtype). No random init runs first; a module whose own tensors the
+    files do not hold (non-persistent buffers: rotary tables) is initialised
+    as `build` would. The whole folder is checked (`check_folder`) before any
+    tensor is read. Returns {"tensors": n, "bytes": bytes read from the files}."""
+    from safetensors import safe_open
+
+    from omnitrain.models.family import _seeded
+
+    folder = Path(folder)
+    available = check_folder(family, model, folder)
+    modules = dict(model.named_modules())
+    owned = {}
+    for prefix in prefixes:
+        for name, t in modules[prefix].state_dict(prefix=prefix + ".", keep_vars=True).items():
+            if name in available:
+                owned[name] = t
+    loaded, nbytes = {}, 0
+    for file, names in _by_file(available, owned).items():
+        with safe_open(folder / file, "pt") as f:
+            for k in names:
+                t = f.get_tensor(available[k][1])
+                nbytes += t.numel() * t.element_size()
+                want = dtype if dtype is not None and t.is_floating_point() else owned[k].dtype
+                loaded[k] = t.to(device=device, dtype=want)
+    # assign=True makes the read tensors the module's own (no copy into a fresh allocation).
+    model.load_state_dict(loaded, strict=False, assign=True)
+    # A tied head is not in the files: share the embedding's tensor (HF's own tying).
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if any(params[a].is_meta and not params[s].is_meta for a, s in tied_keys(model).items() if a in params and s in params):
+        model.tie_weights()
+    # What the files do not hold (non-persistent buffers) is computed as build's init does.
+    for prefix in prefixes:
+        for name, sub in modules[prefix].named_modules(prefix=prefix):
+            own = list(sub.named_parameters(recurse=False)) + list(sub.named_buffers(recurse=False))
+            if not any(t.is_meta for _, t in own):
+                continue
+            keep = {n: t for n, t in own if not t.is_meta}
+            sub.to_empty(device="cpu", recurse=False)
+            with _seeded(seed, name):
+                model._init_weights(sub)
+            sub.to(device)
+            for n, t in keep.items():  # read from the files: put back
+                setattr(sub, n, t)
+    return {"tensors": len(loaded), "bytes": nbytes}

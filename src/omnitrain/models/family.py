@@ -133,7 +133,7 @@ class ModelFamily:
     # `model.trainable=sft`: the usual SFT choice for this family (README: Fine-tuning controls).
     sft_trainable: Mapping[str, object] = {}
 
-    def __init__(self, name, config, processor=None, config_class=None, init_from=None, trainable=None, transform=None, lora=None):
+    def __init__(self, name, config, processor=None, config_class=None, init_from=None, trainable=None, transform=None, lora=None, path=None):
         from omnitrain.models.lora import parse_lora
 
         self.name = name
@@ -146,6 +146,8 @@ class ModelFamily:
             from omnitrain.config import ConfigError
 
             raise ConfigError(f"model.trainable={trainable!r}: use sft (this family's SFT preset) or a bool / {{train, except}} per module")
+        self.path = path
+        self.last_load = None  # {tensors, bytes} the last build read from init_from
         self.trainable, self.trainable_except = parse_trainable(trainable, self.module_names, name)
         self.lora = parse_lora(lora, self)
         for m in self.lora:
@@ -153,7 +155,16 @@ class ModelFamily:
             # model.trainable.<m> name base parameters that still train.
             self.trainable[m] = False
         self.config_class = config_class or self.hf_config_class
-        self.hf_config = self.make_config(self.config_class, dict(config))
+        if path is None:
+            self.hf_config = self.make_config(self.config_class, dict(config))
+        else:
+            # An HF folder as it ships (model=hf): its (sub-)config, `config` merged over it.
+            from omnitrain.convert.hf import read_config
+
+            folder_config, _, _ = read_config(path, self)
+            overrides = dict(config or {})
+            self.check_config_keys(self.config_class, overrides, known=folder_config)
+            self.hf_config = self.config_from_hf(_deep_merge(folder_config, overrides))
 
     @classmethod
     def from_hf_config(cls, config: dict, name: str = "hf"):
@@ -206,29 +217,32 @@ class ModelFamily:
         return self.decoder
 
     # ---- config -----------------------------------------------------------
-    def make_config(self, config_class: str, kwargs: dict):
+    def check_config_keys(self, config_class: str, kwargs: dict, known: dict | None = None) -> None:
+        """`model.config` keys must be the config class's (or `known`'s, a folder's config)."""
         cls = import_object(config_class)
         extra = self.undeclared_config_keys()
         default = cls()
-        known = set(default.to_dict()) | set(extra)
-        unknown = sorted(set(kwargs) - known)
+        known = known or {}
+        unknown = sorted(set(kwargs) - set(default.to_dict()) - set(extra) - set(known))
         # HF accepts any key of a sub-config silently: check those too.
         for sub in getattr(default, "sub_configs", {}):
             if isinstance(kwargs.get(sub), dict):
-                sub_known = set(getattr(default, sub).to_dict())
+                sub_known = set(getattr(default, sub).to_dict()) | set(known.get(sub) or {})
                 unknown += [f"{sub}.{k}" for k in sorted(set(kwargs[sub]) - sub_known)]
         if unknown:
             from omnitrain.config import ConfigError
 
             raise ConfigError(f"model.config: unknown keys {unknown} for {config_class}; check the spelling")
+
+    def make_config(self, config_class: str, kwargs: dict):
+        self.check_config_keys(config_class, kwargs)
+        cls = import_object(config_class)
+        extra = self.undeclared_config_keys()
         cfg = cls(**{k: v for k, v in kwargs.items() if k not in extra})
         for key in extra:  # read by HF code, not declared by the config class
             if key in kwargs:
                 setattr(cfg, key, kwargs[key])
-        cfg._attn_implementation = "sdpa"
-        for sub in cfg.sub_configs:
-            getattr(cfg, sub)._attn_implementation = "sdpa"
-        return cfg
+        return _sdpa(cfg)
 
     def undeclared_config_keys(self) -> tuple[str, ...]:
         return ()
@@ -242,7 +256,7 @@ class ModelFamily:
         for key in extra:
             if key in keep:
                 setattr(cfg, key, keep[key])
-        return cfg
+        return _sdpa(cfg)
 
     # ---- HF tensor names (state-dict adapter) -----------------------------
     def to_hf_name(self, name: str) -> str:
@@ -289,20 +303,28 @@ class ModelFamily:
         Each module is initialised from its own seed (run seed + hash of its
         name), so a parameter gets the same values whatever the layout.
         Modules this rank does not own stay on the meta device. A rank that
-        runs several (virtual) stages passes their plans as a list.
+        runs several (virtual) stages passes their plans as a list. With
+        `init_from` (an HF folder) the owned tensors are read from its files
+        instead (`convert.hf.materialize`); TP / FSDP then distribute them.
         """
         plans = plans if isinstance(plans, (list, tuple)) else [plans]
         prefixes = list(dict.fromkeys(p for plan in plans for p in self.owned_prefixes(plan)))
         model = self.build_meta()
         modules = dict(model.named_modules())
-        for prefix in prefixes:
-            mod = modules[prefix]
-            # Initialise on CPU (one RNG, same values on every device type), then move.
-            mod.to_empty(device="cpu", recurse=True)
-            for name, sub in mod.named_modules(prefix=prefix):
-                with _seeded(seed, name):
-                    model._init_weights(sub)
-            mod.to(device)
+        if self.init_from:
+            from omnitrain.convert.hf import materialize
+
+            # Straight from the folder's files, only this rank's tensors, no init first.
+            self.last_load = materialize(self, model, prefixes, self.init_from, device, seed)
+        else:
+            for prefix in prefixes:
+                mod = modules[prefix]
+                # Initialise on CPU (one RNG, same values on every device type), then move.
+                mod.to_empty(device="cpu", recurse=True)
+                for name, sub in mod.named_modules(prefix=prefix):
+                    with _seeded(seed, name):
+                        model._init_weights(sub)
+                mod.to(device)
         # HF ties lm_head to embed_tokens on meta; materializing them as separate
         # prefixes gives each its own tensor: share it again where both are here
         # (layouts that would split them are refused by check_tied_embeddings).
@@ -310,11 +332,6 @@ class ModelFamily:
         params = dict(model.named_parameters(remove_duplicate=False))
         if tied and not any(params[k].is_meta for pair in tied.items() for k in pair if k in params):
             model.tie_weights()
-        if self.init_from:
-            from omnitrain.convert.hf import load_hf_weights
-
-            # After the init: non-persistent buffers (rotary) come from it, weights from the folder.
-            load_hf_weights(self, model, self.init_from)
         self.apply_trainable(model)
         if self.lora:
             from omnitrain.models.lora import inject
@@ -680,6 +697,21 @@ def parse_trainable(trainable, modules, model_name: str):
     return default, patterns
 
 
+def _sdpa(cfg):
+    """The attention every family's segmented forward is checked against (HF's sdpa)."""
+    cfg._attn_implementation = "sdpa"
+    for sub in cfg.sub_configs:
+        getattr(cfg, sub)._attn_implementation = "sdpa"
+    return cfg
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
 @contextmanager
 def _seeded(seed: int, name: str):
     """Fork the global RNG, seeded by (seed, module name)."""
@@ -690,6 +722,20 @@ def _seeded(seed: int, name: str):
 
 def build_family(model_cfg) -> ModelFamily:
     """The family adapter for `cfg.model` (its `_target_`)."""
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
-    return instantiate(model_cfg, _convert_="all")
+    from omnitrain.errors import UserError
+
+    if OmegaConf.is_config(model_cfg) and model_cfg.get("_target_") == "omnitrain.models.hf_family" and model_cfg.get("path") is None:
+        from omnitrain.config import ConfigError
+
+        raise ConfigError(f"model={model_cfg.get('name', 'hf')} needs model.path=<HF folder> (a model as it ships: config.json + safetensors)")
+    try:
+        return instantiate(model_cfg, _convert_="all")
+    except InstantiationException as e:
+        # Hydra wraps what the family raised: a user error stays one line.
+        if isinstance(e.__cause__, UserError):
+            raise e.__cause__ from None
+        raise
