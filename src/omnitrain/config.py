@@ -43,6 +43,9 @@ class ModelConfig:
     # e.g. "merger.*" for vision) get the opposite. Frozen parameters get no
     # gradients and no optimizer state.
     trainable: Dict[str, Any] = field(default_factory=dict)
+    # Mixture-of-experts options of a family with MoE layers: aux_loss_coef
+    # (router load-balancing loss, normalised as models/moe.py says).
+    moe: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

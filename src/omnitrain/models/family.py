@@ -110,8 +110,18 @@ class ModelFamily:
     # tensors there, key of its sub-config or None for the top level).
     hf_model_types: Mapping[str, tuple] = {}
 
-    def __init__(self, name, config, processor=None, config_class=None, init_from=None, trainable=None, transform=None):
+    # Keys `model.moe` takes (a family with MoE layers lists them).
+    moe_options: tuple[str, ...] = ()
+
+    def __init__(self, name, config, processor=None, config_class=None, init_from=None, trainable=None, transform=None, moe=None):
         self.name = name
+        self.moe = dict(moe or {})
+        bad = sorted(set(self.moe) - set(self.moe_options))
+        if bad:
+            from omnitrain.config import ConfigError
+
+            hint = f"it takes {', '.join(self.moe_options)}" if self.moe_options else f"model {name} has no MoE layers"
+            raise ConfigError(f"model.moe.{bad[0]}: unknown key; {hint}")
         self.processor = processor  # a folder or builtin:<name> (data.load_processor)
         self.transform = transform
         self.init_from = init_from
@@ -173,7 +183,8 @@ class ModelFamily:
         # HF accepts any key of a sub-config silently: check those too.
         for sub in getattr(default, "sub_configs", {}):
             if isinstance(kwargs.get(sub), dict):
-                sub_known = set(getattr(default, sub).to_dict())
+                # `<sub>.<key>` in undeclared_config_keys: passed to the sub-config, which keeps it
+                sub_known = set(getattr(default, sub).to_dict()) | {k.split(".", 1)[1] for k in extra if k.startswith(sub + ".")}
                 unknown += [f"{sub}.{k}" for k in sorted(set(kwargs[sub]) - sub_known)]
         if unknown:
             from omnitrain.config import ConfigError
@@ -181,7 +192,7 @@ class ModelFamily:
             raise ConfigError(f"model.config: unknown keys {unknown} for {config_class}; check the spelling")
         cfg = cls(**{k: v for k, v in kwargs.items() if k not in extra})
         for key in extra:  # read by HF code, not declared by the config class
-            if key in kwargs:
+            if key in kwargs and "." not in key:
                 setattr(cfg, key, kwargs[key])
         cfg._attn_implementation = "sdpa"
         for sub in cfg.sub_configs:
@@ -368,6 +379,18 @@ class ModelFamily:
         every replica to run the same encoder passes. Marked in `_dummy` so
         its features join the loss with weight 0 and no positions read it."""
         raise NotImplementedError
+
+    def begin_step(self, global_tokens: int) -> None:
+        """[trainer hook] A step starts; `global_tokens`: real tokens of its global batch."""
+
+    def step_stats(self):
+        """[trainer hook] None, or (float64 vector of per-rank sums, function of
+        the vector summed over ranks -> entries of the step's log row)."""
+        return None
+
+    def active_params(self, model: nn.Module) -> int:
+        """Parameters one token uses (the planner's `active` count; MoE families override)."""
+        return sum(p.numel() for p in model.parameters())
 
     def flops_per_token(self) -> float:
         """Training FLOPs per decoder token (for MFU)."""

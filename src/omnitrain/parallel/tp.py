@@ -25,9 +25,12 @@ def check_divisible(tp: dict[str, int], sizes: dict[str, dict[str, int]]) -> Non
             continue
         for name, n in sizes.get(module, {}).items():
             if n % t:
+                own = sizes.get(module, {}).values()
+                fit = [d for d in range(1, max(own) + 1) if all(v % d == 0 for v in own)]
                 raise ConfigError(
                     f"parallel.tp.{module}={t}: the {module} module's {name}={n} is not divisible by {t}; "
-                    f"use a TP size that divides {n}"
+                    f"TP sizes that fit every size of {module} ({', '.join(f'{k}={v}' for k, v in sizes[module].items())}): "
+                    f"{', '.join(map(str, fit))}"
                 )
 
 
