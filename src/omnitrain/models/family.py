@@ -88,6 +88,9 @@ class ChatSpec:
     # fn(video grid, merge size, seconds per grid, audio tokens, ids,
     # position ids per second, seconds per chunk) -> token ids; None = unsupported.
     audio_in_video: Optional[Callable] = None
+    # Audio encoder outputs (= placeholder tokens) for n mel frames; None = the
+    # Whisper-style encoder's (two stride-2 stages).
+    audio_tokens: Optional[Callable[[int], int]] = None
 
 
 class ModelFamily:

@@ -35,6 +35,13 @@ AUDIO = ModuleSpec(
 )
 
 
+def aut_output_length(n_frames: int, n_window: int = 50) -> int:
+    """Mel frames -> AuT outputs: 13 per whole 2*n_window-frame chunk, three stride-2 convs on the rest (HF's rule)."""
+    chunk = 2 * n_window
+    rest = (n_frames % chunk - 1) // 2 + 1
+    return ((rest - 1) // 2 + 1 - 1) // 2 + 1 + (n_frames // chunk) * 13
+
+
 class Qwen3OmniThinker(DeepStack, Qwen25OmniThinker):
     hf_class = "transformers.Qwen3OmniMoeThinkerForConditionalGeneration"
     hf_config_class = "transformers.Qwen3OmniMoeThinkerConfig"
@@ -61,6 +68,7 @@ class Qwen3OmniThinker(DeepStack, Qwen25OmniThinker):
             "audio_eos": ("audio_end_token_id",),
         },
         audio_in_video=None,  # Qwen3-Omni's interleaved layout is not implemented: such samples are refused
+        audio_tokens=lambda n: aut_output_length(n),
     )
     tp_plan = {
         "vision": VISION_TP_PLAN,

@@ -83,6 +83,15 @@ class DeepStack:
             self._moe_stats = MoEStats(len(self.moe_layers), self.num_experts) if self.moe_layers else None
         return self._moe_stats
 
+    def build(self, plans, device, seed):
+        """The generic build, with the experts implementation device.py picks
+        for `device` (HF dispatches on the config at every call)."""
+        if self.moe_layers:
+            from omnitrain import device as dev
+
+            self.hf_config.text_config._experts_implementation = dev.experts_implementation(device)
+        return super().build(plans, device, seed)
+
     @property
     def num_experts(self) -> int:
         t = self.hf_config.text_config
