@@ -8,6 +8,7 @@ offline with `<processor class>.from_pretrained(dir)` or `AutoProcessor.from_pre
     qwen2_vl     -> qwen2_vl_tiny/     Qwen2VLProcessor
     qwen25_vl    -> qwen25_vl_tiny/    Qwen2_5_VLProcessor
     qwen3_omni   -> qwen3_omni_tiny/   Qwen3OmniMoeProcessor
+    qwen3_vl     -> qwen3_vl_tiny/     Qwen3VLProcessor
 
 Nothing comes from a model hub. The real Qwen vocabulary ships inside the PyPI
 package `dashscope` as a tiktoken rank file; we fetch the wheel with
@@ -195,6 +196,7 @@ class Family:
     audio: bool = False  # with a Whisper feature extractor
     tokenizer_from: str | None = None  # family whose tokenizer.json this one links to
     patch_size: int = 14
+    video_processor: str = "Qwen2VLVideoProcessor"
     image_mean: tuple = tuple(IMAGE_MEAN)
     image_std: tuple = tuple(IMAGE_STD)
 
@@ -263,6 +265,20 @@ FAMILIES = {
         patch_size=16,
         image_mean=tuple(QWEN3_MEAN),
         image_std=tuple(QWEN3_STD),
+    ),
+    "qwen3_vl": Family(
+        asset="qwen3_vl_tiny",
+        processor_class="Qwen3VLProcessor",
+        added_tokens=CHAT_TOKENS + VL_SLOTS + QWEN25_TOKENS + QWEN3_TOKENS,
+        chat_template=VL_CHAT_TEMPLATE,
+        model_max_length=262144,
+        title="Qwen3-VL processor (tokenizer, 16-px image/video processors).",
+        notes="Differs from upstream in the chat template (Qwen2.5-VL's media placement, without the thinking / tool sections).\n",
+        tokenizer_from="qwen2_vl",
+        patch_size=16,
+        image_mean=tuple(QWEN3_MEAN),
+        image_std=tuple(QWEN3_STD),
+        video_processor="Qwen3VLVideoProcessor",
     ),
 }
 GENERATED_NOTE = (
@@ -422,7 +438,7 @@ def build_tokenizer(fam: Family, vocab: dict[str, int], merges: list[tuple[str, 
 
 def build_processor(fam: Family, tokenizer):
     import transformers
-    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor, WhisperFeatureExtractor
+    from transformers import Qwen2VLImageProcessor, WhisperFeatureExtractor
 
     # torchvision-backed image/video processors: torchvision is a declared dependency
     # and transformers 5 offers no PIL video processor for Qwen2-VL.
@@ -436,7 +452,7 @@ def build_processor(fam: Family, tokenizer):
     )
     parts = dict(
         image_processor=Qwen2VLImageProcessor(**common),
-        video_processor=Qwen2VLVideoProcessor(**common),
+        video_processor=getattr(transformers, fam.video_processor)(**common),
         tokenizer=tokenizer,
     )
     if fam.audio:

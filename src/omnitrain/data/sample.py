@@ -221,6 +221,8 @@ class SampleBuilder:
         acc.video_grids.append(grid)
         acc.second_per_grid.append(second_per_grid)
         if not uiv:
+            if self.chat.video_tokens is not None:  # the family lays a video out its own way (per-frame timestamps)
+                return self.chat.video_tokens(grid.tolist(), self.vmerge, second_per_grid, self.ids, self._encode)
             n = int(grid.prod()) // self.vmerge**2
             return [self.ids.vision_bos] + [self.ids.video] * n + [self.ids.vision_eos]
 

@@ -91,6 +91,10 @@ class ChatSpec:
     # Audio encoder outputs (= placeholder tokens) for n mel frames; None = the
     # Whisper-style encoder's (two stride-2 stages).
     audio_tokens: Optional[Callable[[int], int]] = None
+    # A video's tokens with vision bos/eos: fn(video grid, merge size, seconds
+    # per grid, ids, encode(text) -> ids) -> token ids; None = one block
+    # bos + video tokens + eos.
+    video_tokens: Optional[Callable] = None
 
 
 class ModelFamily:

@@ -21,6 +21,8 @@ micro-batch's token stream as it has temporal patches.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -51,7 +53,10 @@ VISION_TP_PLAN = (
 )
 # Qwen3's attention (q/k norms are per head: replicated) and a dense MLP's plan;
 # an MoE layer's router and experts stay whole on every TP rank.
-QWEN3_LLM_TP_PLAN = LLM_TP_PLAN
+QWEN3_LLM_TP_PLAN = LLM_TP_PLAN + (
+    ("model.language_model.layers.*.self_attn.q_norm", "head_norm"),
+    ("model.language_model.layers.*.self_attn.k_norm", "head_norm"),
+)
 
 
 class DeepStack:
@@ -266,11 +271,27 @@ class DeepStack:
         return 6.0 * (L * attn + mlp + h * v)
 
 
+def frames_with_timestamps(grid, merge_size: int, second_per_grid: float, ids, encode) -> list[int]:
+    """Qwen3-VL's video layout: per temporal patch "<t seconds>" then vision
+    start, its tokens, vision end. t is the mean time of the patch's two
+    frames, as HF's processor computes it (frames 0, spf, 2 spf, ...)."""
+    t, h, w = (int(x) for x in grid)
+    per_t = (h // merge_size) * (w // merge_size)
+    spf = second_per_grid / 2
+    out = []
+    for k in range(t):
+        out += encode(f"<{k * second_per_grid + spf / 2:.1f} seconds>") + [ids.vision_bos] + [ids.video] * per_t + [ids.vision_eos]
+    return out
+
+
+QWEN3_VL_CHAT = dataclasses.replace(VL_CHAT, video_tokens=frames_with_timestamps)
+
+
 class Qwen3VL(DeepStack, Qwen2VL):
     hf_class = "transformers.Qwen3VLForConditionalGeneration"
     hf_config_class = "transformers.Qwen3VLConfig"
     modules = (vision_spec("model.visual.deepstack_merger_list"), LLM)
-    chat = VL_CHAT
+    chat = QWEN3_VL_CHAT
     tp_plan = {"vision": VISION_TP_PLAN, "llm": QWEN3_LLM_TP_PLAN}
     sp_plan = {}  # DeepStack adds features at visual positions of the whole sequence
     tp_head_attrs = {"vision": (("model.visual.blocks.*.attn", "num_heads"),)}
