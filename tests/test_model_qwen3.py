@@ -133,3 +133,24 @@ def test_tp_rules_name_the_module_and_the_sizes_that_fit():
         check_layout(compose_cfg(["model=qwen3_omni_30b_a3b", "parallel=tp2", "parallel.tp={vision: 1, audio: 3, llm: 1}"]))
     with pytest.raises(ConfigError, match=r"parallel.tp.llm=8: .*num_key_value_heads=4.*1, 2, 4"):
         check_layout(compose_cfg(["model=qwen3_omni_30b_a3b", "parallel=tp2", "parallel.tp={vision: 1, audio: 1, llm: 8}"]))
+
+
+def test_hf_tensors_load_in_plain_transformers(case, tmp_path):
+    # What `convert mm_to_hf` writes (family.to_hf_tensors: per-expert weights as HF
+    # folders store them) loads into the HF class with no missing or unexpected
+    # key and the same tensors.
+    from safetensors.torch import save_file
+
+    name, family, whole = case
+    files = {hk: hv.contiguous() for k, v in whole.state_dict().items() for hk, hv in family.to_hf_tensors(k, v).items()}
+    if family.moe_layers:
+        assert "model.layers.47.mlp.experts.7.up_proj.weight" in files
+    save_file(files, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    cfg = family.hf_config
+    cfg.architectures = [family.hf_architecture]
+    cfg.save_pretrained(tmp_path)
+    ref, info = import_object(family.hf_class).from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    want = whole.state_dict()
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, want[k]), k

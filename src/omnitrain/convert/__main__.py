@@ -250,8 +250,10 @@ def mm_to_hf(ckpt: str, out: str, config: str | None = None, dtype: str = "fp32"
             state = {"model": {k: torch.empty(expected[k], dtype=saved[k].properties.dtype) for k in names}}
             with checkpoint._single_process_ok():
                 dcp.load(state, checkpoint_id=str(step_dir), planner=DefaultLoadPlanner(allow_partial_load=True))
-            save_file({family.to_hf_name(k): v.to(target).contiguous() for k, v in state["model"].items()}, str(tmp / file), metadata={"format": "pt"})
-            index.update({family.to_hf_name(k): file for k in names})
+            # [family hook] one in-memory tensor may be several in the HF files (fused MoE experts)
+            tensors = {hk: hv.to(target).contiguous() for k, v in state["model"].items() for hk, hv in family.to_hf_tensors(k, v).items()}
+            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+            index.update({hk: file for hk in tensors})
             del state
         if len(shards) > 1:
             total = sum(torch.Size(s).numel() * target.itemsize for s in expected.values())

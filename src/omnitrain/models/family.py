@@ -227,6 +227,11 @@ class ModelFamily:
                 return theirs + name[len(ours) :]
         return name
 
+    def to_hf_tensors(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The HF folder's tensors for one in-memory tensor (export); a family
+        whose HF files split a tensor (per-expert MoE weights) overrides it."""
+        return {self.to_hf_name(name): tensor}
+
     def from_hf_name(self, key: str) -> str:
         for ours, theirs in self.hf_names:
             if key.startswith(theirs):

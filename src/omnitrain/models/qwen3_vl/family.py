@@ -226,6 +226,23 @@ class DeepStack:
             h = AuxLossInjector.apply(h, b * (self.aux_loss_coef * weight))
         return h
 
+    # ---- HF files: experts one tensor each, as save_pretrained writes them ------
+    def to_hf_tensors(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`...mlp.experts.gate_up_proj` (E, 2I, H) -> `...mlp.experts.<e>.gate_proj.weight` /
+        `up_proj.weight` (I, H); `down_proj` (E, H, I) -> `...<e>.down_proj.weight`."""
+        head, _, leaf = name.rpartition(".")
+        if not head.endswith(".mlp.experts") or leaf not in ("gate_up_proj", "down_proj"):
+            return super().to_hf_tensors(name, tensor)
+        base = self.to_hf_name(head)
+        out = {}
+        for e in range(tensor.shape[0]):
+            if leaf == "down_proj":
+                out[f"{base}.{e}.down_proj.weight"] = tensor[e]
+            else:
+                gate, up = tensor[e].chunk(2, dim=0)
+                out[f"{base}.{e}.gate_proj.weight"], out[f"{base}.{e}.up_proj.weight"] = gate, up
+        return out
+
     # ---- step hooks (the trainer calls them) -----------------------------------
     def begin_step(self, global_tokens: int) -> None:
         if self.moe_stats is not None:
