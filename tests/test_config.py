@@ -29,6 +29,7 @@ WITH = {
     "vl32b_pp8_tp2": ["model=qwen25_vl_32b", "train.global_batch_size=8"],
     "vl72b_pp8_tp2": ["model=qwen25_vl_72b", "train.global_batch_size=8"],
     "pp4_tp2_hetero": ["train.global_batch_size=8"],
+    "omni30b_pp2_fsdp8": ["model=qwen3_omni_30b_a3b", "train.global_batch_size=16"],
 }
 
 

@@ -12,7 +12,6 @@ FAMILIES = {
     "qwen2_vl": "omnitrain.models.qwen2_vl.Qwen2VL",
     "qwen3_omni": "omnitrain.models.qwen3_omni.Qwen3OmniThinker",
     "qwen3_vl": "omnitrain.models.qwen3_vl.Qwen3VL",
-    "qwen3_vl_moe": "omnitrain.models.qwen3_vl.Qwen3VLMoe",
 }
 
 

@@ -156,7 +156,7 @@ def _styles(sequence_parallel: bool = False):
         # Logits computed per vocab shard and gathered: the loss code sees full logits.
         "vocab_head": lambda: ColwiseParallel(output_layouts=Replicate()),
         "colwise_fused3": lambda: FusedColwise(3),
-        # A norm over each head (Qwen3's q/k norms) on a rank's heads: its weight is
+        # A norm over each head (per-head q/k norms) on a rank's heads: its weight is
         # replicated, its grad a partial sum over the heads each rank holds (Partial,
         # summed by ParallelContext._resolve_partial_grads).
         "head_norm": lambda: SequenceParallel(sequence_dim=2, use_local_output=True),
