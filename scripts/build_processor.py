@@ -7,6 +7,8 @@ offline with `<processor class>.from_pretrained(dir)` or `AutoProcessor.from_pre
     qwen25_omni  -> qwen25_omni_tiny/  Qwen2_5OmniProcessor
     qwen2_vl     -> qwen2_vl_tiny/     Qwen2VLProcessor
     qwen25_vl    -> qwen25_vl_tiny/    Qwen2_5_VLProcessor
+    qwen3_omni   -> qwen3_omni_tiny/   Qwen3OmniMoeProcessor
+    qwen3_vl     -> qwen3_vl_tiny/     Qwen3VLProcessor
 
 Nothing comes from a model hub. The real Qwen vocabulary ships inside the PyPI
 package `dashscope` as a tiktoken rank file; we fetch the wheel with
@@ -98,6 +100,24 @@ QWEN25_TOKENS = [
     ("<|file_sep|>", False),  # 151664
 ]
 
+# Qwen3 added four after Qwen2.5's (tool responses, thinking), 151665-151668;
+# Qwen3-Omni's tokenizer continues with the audio and TTS tokens, 151669-151675.
+QWEN3_TOKENS = [
+    ("<tool_response>", False),  # 151665
+    ("</tool_response>", False),  # 151666
+    ("<think>", False),  # 151667
+    ("</think>", False),  # 151668
+]
+QWEN3_OMNI_TOKENS = [
+    ("<|audio_start|>", True),  # 151669
+    ("<|audio_end|>", True),  # 151670
+    ("<tts_pad>", True),  # 151671
+    ("<tts_text_bos>", True),  # 151672
+    ("<tts_text_eod>", True),  # 151673
+    ("<tts_text_bos_single>", True),  # 151674
+    ("<|audio_pad|>", True),  # 151675
+]
+
 # The published chat templates, verbatim (the processors').
 OMNI_CHAT_TEMPLATE = (
     "{% set audio_count = namespace(value=0) %}{% set image_count = namespace(value=0) %}"
@@ -136,6 +156,24 @@ VL_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# Qwen3-Omni's placement of media in a user turn (its published template adds
+# thinking and tool sections around this; the trainer lays out samples itself
+# from the family's ChatSpec, the template serves apply_chat_template).
+QWEN3_OMNI_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'audio' or 'audio' in content or 'audio_url' in content %}<|audio_start|><|audio_pad|><|audio_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Qwen3 ViT front end: 16-px patches, mean/std 0.5.
+QWEN3_MEAN = QWEN3_STD = [0.5, 0.5, 0.5]
+
 # Published image/video settings, the same for all three families (CLIP
 # normalisation, 14px patches, 2x2 merge, 2-frame temporal patches).
 IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -157,6 +195,10 @@ class Family:
     named_tokens: dict[str, str] = dataclasses.field(default_factory=dict)  # tokenizer attributes
     audio: bool = False  # with a Whisper feature extractor
     tokenizer_from: str | None = None  # family whose tokenizer.json this one links to
+    patch_size: int = 14
+    video_processor: str = "Qwen2VLVideoProcessor"
+    image_mean: tuple = tuple(IMAGE_MEAN)
+    image_std: tuple = tuple(IMAGE_STD)
 
 
 FAMILIES = {
@@ -197,6 +239,46 @@ FAMILIES = {
         model_max_length=131072,
         title="Qwen2.5-VL processor (tokenizer, image/video processors), as Qwen/Qwen2.5-VL-*-Instruct.",
         tokenizer_from="qwen2_vl",
+    ),
+    "qwen3_omni": Family(
+        asset="qwen3_omni_tiny",
+        processor_class="Qwen3OmniMoeProcessor",
+        added_tokens=CHAT_TOKENS + VL_SLOTS + QWEN25_TOKENS + QWEN3_TOKENS + QWEN3_OMNI_TOKENS,
+        chat_template=QWEN3_OMNI_CHAT_TEMPLATE,
+        model_max_length=65536,
+        title="Qwen3-Omni processor (tokenizer, 16-px image/video processors, Whisper features).",
+        notes=(
+            "Differs from upstream in feature_extractor chunk_length (30 s) and in the chat template (media\n"
+            "placement only, without the published template's thinking / tool sections).\n"
+        ),
+        named_tokens={
+            "image_token": "<|image_pad|>",
+            "video_token": "<|video_pad|>",
+            "audio_token": "<|audio_pad|>",
+            "vision_bos_token": "<|vision_start|>",
+            "vision_eos_token": "<|vision_end|>",
+            "audio_bos_token": "<|audio_start|>",
+            "audio_eos_token": "<|audio_end|>",
+        },
+        audio=True,
+        tokenizer_from="qwen2_vl",
+        patch_size=16,
+        image_mean=tuple(QWEN3_MEAN),
+        image_std=tuple(QWEN3_STD),
+    ),
+    "qwen3_vl": Family(
+        asset="qwen3_vl_tiny",
+        processor_class="Qwen3VLProcessor",
+        added_tokens=CHAT_TOKENS + VL_SLOTS + QWEN25_TOKENS + QWEN3_TOKENS,
+        chat_template=VL_CHAT_TEMPLATE,
+        model_max_length=262144,
+        title="Qwen3-VL processor (tokenizer, 16-px image/video processors).",
+        notes="Differs from upstream in the chat template (Qwen2.5-VL's media placement, without the thinking / tool sections).\n",
+        tokenizer_from="qwen2_vl",
+        patch_size=16,
+        image_mean=tuple(QWEN3_MEAN),
+        image_std=tuple(QWEN3_STD),
+        video_processor="Qwen3VLVideoProcessor",
     ),
 }
 GENERATED_NOTE = (
@@ -356,21 +438,21 @@ def build_tokenizer(fam: Family, vocab: dict[str, int], merges: list[tuple[str, 
 
 def build_processor(fam: Family, tokenizer):
     import transformers
-    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor, WhisperFeatureExtractor
+    from transformers import Qwen2VLImageProcessor, WhisperFeatureExtractor
 
     # torchvision-backed image/video processors: torchvision is a declared dependency
     # and transformers 5 offers no PIL video processor for Qwen2-VL.
     common = dict(
         size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS},
-        patch_size=14,
+        patch_size=fam.patch_size,
         temporal_patch_size=2,
         merge_size=2,
-        image_mean=IMAGE_MEAN,
-        image_std=IMAGE_STD,
+        image_mean=list(fam.image_mean),
+        image_std=list(fam.image_std),
     )
     parts = dict(
         image_processor=Qwen2VLImageProcessor(**common),
-        video_processor=Qwen2VLVideoProcessor(**common),
+        video_processor=getattr(transformers, fam.video_processor)(**common),
         tokenizer=tokenizer,
     )
     if fam.audio:

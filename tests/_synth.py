@@ -43,7 +43,23 @@ def _audio_tokens(frames: int) -> int:
     return ((frames - 1) // 2 + 1 - 2) // 2 + 1
 
 
-def sample(index: int, *, image=None, video=None, audio=None, text=12, spg=1.0, vocab=150000) -> dict:
+def _aut_tokens(frames: int) -> int:
+    """Qwen3-Omni's AuT: 100-frame chunks, 13 tokens per whole chunk."""
+    rest = (frames % 100 - 1) // 2 + 1
+    return ((rest - 1) // 2 + 1 - 1) // 2 + 1 + (frames // 100) * 13
+
+
+# Qwen3 families: patch 16 (3 x 2 x 16 x 16 values per patch); Qwen3-Omni's audio ids and AuT lengths;
+# Qwen3-VL wraps each temporal patch of a video in vision start/end after a timestamp.
+Q3_PATCH_DIM = 1536
+Q3_OMNI = dict(patch_dim=Q3_PATCH_DIM, audio_ids=(151675, 151669, 151670), aut=True)
+Q3_VL = dict(patch_dim=Q3_PATCH_DIM, frames=True)
+KINDS_Q3_OMNI = [{**k, **Q3_OMNI} for k in KINDS]
+KINDS_Q3_VL = [{**k, **Q3_VL} for k in KINDS_VL]
+
+
+def sample(index: int, *, image=None, video=None, audio=None, text=12, spg=1.0, vocab=150000,
+           patch_dim=PATCH_DIM, audio_ids=(AUDIO, A_START, A_END), aut=False, frames=False) -> dict:
     """One sample: image/video = (t,h,w) patch grid, audio = mel frames,
     spg = the video's seconds per grid."""
     g = torch.Generator().manual_seed(1000 + index)
@@ -51,13 +67,19 @@ def sample(index: int, *, image=None, video=None, audio=None, text=12, spg=1.0, 
     s = {}
     if image is not None:
         ids += [V_START] + [IMAGE] * (image[0] * image[1] * image[2] // 4) + [V_END]
-        s["image"] = (image, torch.randn(image[0] * image[1] * image[2], PATCH_DIM, generator=g))
+        s["image"] = (image, torch.randn(image[0] * image[1] * image[2], patch_dim, generator=g))
     if video is not None:
-        ids += [V_START] + [VIDEO] * (video[0] * video[1] * video[2] // 4) + [V_END]
-        s["video"] = (video, torch.randn(video[0] * video[1] * video[2], PATCH_DIM, generator=g))
+        per_t = video[1] * video[2] // 4
+        if frames:  # "<t seconds>" as 3 text tokens before each frame
+            for _ in range(video[0]):
+                ids += torch.randint(0, vocab, (3,), generator=g).tolist() + [V_START] + [VIDEO] * per_t + [V_END]
+        else:
+            ids += [V_START] + [VIDEO] * (video[0] * per_t) + [V_END]
+        s["video"] = (video, torch.randn(video[0] * video[1] * video[2], patch_dim, generator=g))
         s["spg"] = float(spg)
     if audio is not None:
-        ids += [A_START] + [AUDIO] * _audio_tokens(audio) + [A_END]
+        a_tok, a_start, a_end = audio_ids
+        ids += [a_start] + [a_tok] * (_aut_tokens(audio) if aut else _audio_tokens(audio)) + [a_end]
         s["audio"] = torch.randn(MEL, audio, generator=g)
     prompt = len(ids) + 4
     ids += torch.randint(0, vocab, (2,), generator=g).tolist() + [IM_END, IM_START]

@@ -63,6 +63,9 @@ class ModelConfig:
     lora: Dict[str, LoraModuleConfig] = field(
         default_factory=lambda: {m: LoraModuleConfig() for m in ("vision", "audio", "llm")}
     )
+    # Mixture-of-experts options of a family with MoE layers: aux_loss_coef
+    # (router load-balancing loss, normalised as models/moe.py says).
+    moe: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -234,3 +234,16 @@ def autocast(dev: torch.device | DeviceInfo, dtype: torch.dtype | None):
 
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def experts_implementation(dev: torch.device | DeviceInfo) -> str:
+    """transformers' MoE experts implementation for this device
+    (`config._experts_implementation`): torch's grouped GEMM where torch has
+    one (`grouped_mm`; transformers falls back to its own per-group kernel
+    where torch's does not take the device / dtype), else HF's per-expert loop
+    (`eager`). On CPU fp32 both give bitwise the same results here (see
+    scripts/bench_moe.py, which also times them)."""
+    del dev  # every backend omnitrain names goes through the same dispatch today
+    if hasattr(torch.nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm"):
+        return "grouped_mm"
+    return "eager"

@@ -407,7 +407,13 @@ def mm_to_hf(
             file = hf.SINGLE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             names = [e[1] for e in group if e[1] is not None]
             fetched = fetch(names) if names else {}
-            tensors = {key: fetched[name].to(target).contiguous() for key, name, target, _ in group if name is not None}
+            tensors = {}
+            for key, name, target, _ in group:
+                if name is None:
+                    continue
+                # [family hook] one in-memory tensor may be several in the HF files (fused MoE experts)
+                for hk, hv in family.to_hf_tensors(name, fetched[name]).items():
+                    tensors[prefix + hk] = hv.to(target).contiguous()
             tensors.update(_read_base(base, [e[0] for e in group if e[1] is None], rest))
             save_file(tensors, str(tmp / file), metadata={"format": "pt"})
             index.update({key: file for key in tensors})

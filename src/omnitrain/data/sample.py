@@ -120,6 +120,7 @@ class SampleBuilder:
         self.merge = int(self.image_processor.merge_size)
         self.vmerge = int(self.video_processor.merge_size)
         self.temporal_patch = int(self.video_processor.temporal_patch_size)
+        self._audio_len = chat.audio_tokens or audio_output_length  # the family's audio encoder's length rule
 
     # -- public -------------------------------------------------------------
 
@@ -243,6 +244,8 @@ class SampleBuilder:
         acc.video_grids.append(grid)
         acc.second_per_grid.append(second_per_grid)
         if not uiv:
+            if self.chat.video_tokens is not None:  # the family lays a video out its own way (per-frame timestamps)
+                return self.chat.video_tokens(grid.tolist(), self.vmerge, second_per_grid, self.ids, self._encode)
             n = int(grid.prod()) // self.vmerge**2
             return [self.ids.vision_bos] + [self.ids.video] * n + [self.ids.vision_eos]
 
@@ -272,7 +275,7 @@ class SampleBuilder:
             grid.tolist(),
             self.vmerge,
             second_per_grid,
-            audio_output_length(feat.shape[-1]),
+            self._audio_len(feat.shape[-1]),
             self.ids,
             self.s.position_id_per_seconds,
             self.s.seconds_per_chunk,
@@ -284,7 +287,7 @@ class SampleBuilder:
         ids: List[int] = []
         for feat in self._audio_features(self._segments(wave, path, acc.stats), path):
             acc.audio_feats.append(feat)
-            n = audio_output_length(feat.shape[-1])
+            n = self._audio_len(feat.shape[-1])
             ids += [self.ids.audio_bos] + [self.ids.audio] * n + [self.ids.audio_eos]
         return ids
 
@@ -392,7 +395,7 @@ class SampleBuilder:
                 return_tensors="pt",
             )
             n = int(f["attention_mask"][0].sum())
-            if audio_output_length(n) < 1:
+            if self._audio_len(n) < 1:
                 raise DataError(f"audio is too short ({1000 * len(w) / self.sr:.0f} ms)", file=path, reason="corrupt_media")
             out.append(f["input_features"][0, :, :n].contiguous())
         return out

@@ -11,6 +11,8 @@ FAMILIES = {
     "qwen25_omni": "omnitrain.models.qwen25_omni.Qwen25OmniThinker",
     "qwen25_vl": "omnitrain.models.qwen25_vl.Qwen25VL",
     "qwen2_vl": "omnitrain.models.qwen2_vl.Qwen2VL",
+    "qwen3_omni": "omnitrain.models.qwen3_omni.Qwen3OmniThinker",
+    "qwen3_vl": "omnitrain.models.qwen3_vl.Qwen3VL",
 }
 
 

@@ -109,6 +109,13 @@ class ChatSpec:
     # fn(video grid, merge size, seconds per grid, audio tokens, ids,
     # position ids per second, seconds per chunk) -> token ids; None = unsupported.
     audio_in_video: Optional[Callable] = None
+    # Audio encoder outputs (= placeholder tokens) for n mel frames; None = the
+    # Whisper-style encoder's (two stride-2 stages).
+    audio_tokens: Optional[Callable[[int], int]] = None
+    # A video's tokens with vision bos/eos: fn(video grid, merge size, seconds
+    # per grid, ids, encode(text) -> ids) -> token ids; None = one block
+    # bos + video tokens + eos.
+    video_tokens: Optional[Callable] = None
 
 
 class ModelFamily:
@@ -133,10 +140,20 @@ class ModelFamily:
     # `model.trainable=sft`: the usual SFT choice for this family (README: Fine-tuning controls).
     sft_trainable: Mapping[str, object] = {}
 
-    def __init__(self, name, config, processor=None, config_class=None, init_from=None, trainable=None, transform=None, lora=None, path=None):
+    # Keys `model.moe` takes (a family with MoE layers lists them).
+    moe_options: tuple[str, ...] = ()
+
+    def __init__(self, name, config, processor=None, config_class=None, init_from=None, trainable=None, transform=None, lora=None, path=None, moe=None):
         from omnitrain.models.lora import parse_lora
 
         self.name = name
+        self.moe = dict(moe or {})
+        bad = sorted(set(self.moe) - set(self.moe_options))
+        if bad:
+            from omnitrain.config import ConfigError
+
+            hint = f"it takes {', '.join(self.moe_options)}" if self.moe_options else f"model {name} has no MoE layers"
+            raise ConfigError(f"model.moe.{bad[0]}: unknown key; {hint}")
         self.processor = processor  # a folder or builtin:<name> (data.load_processor)
         self.transform = transform
         self.init_from = init_from
@@ -227,7 +244,9 @@ class ModelFamily:
         # HF accepts any key of a sub-config silently: check those too.
         for sub in getattr(default, "sub_configs", {}):
             if isinstance(kwargs.get(sub), dict):
-                sub_known = set(getattr(default, sub).to_dict()) | set(known.get(sub) or {})
+                # `<sub>.<key>` in undeclared_config_keys: passed to the sub-config, which keeps it
+                sub_known = (set(getattr(default, sub).to_dict()) | set(known.get(sub) or {})
+                             | {k.split(".", 1)[1] for k in extra if k.startswith(sub + ".")})
                 unknown += [f"{sub}.{k}" for k in sorted(set(kwargs[sub]) - sub_known)]
         if unknown:
             from omnitrain.config import ConfigError
@@ -240,7 +259,7 @@ class ModelFamily:
         extra = self.undeclared_config_keys()
         cfg = cls(**{k: v for k, v in kwargs.items() if k not in extra})
         for key in extra:  # read by HF code, not declared by the config class
-            if key in kwargs:
+            if key in kwargs and "." not in key:
                 setattr(cfg, key, kwargs[key])
         return _sdpa(cfg)
 
@@ -264,6 +283,11 @@ class ModelFamily:
             if name.startswith(ours):
                 return theirs + name[len(ours) :]
         return name
+
+    def to_hf_tensors(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The HF folder's tensors for one in-memory tensor (export); a family
+        whose HF files split a tensor (per-expert MoE weights) overrides it."""
+        return {self.to_hf_name(name): tensor}
 
     def from_hf_name(self, key: str) -> str:
         for ours, theirs in self.hf_names:
@@ -432,6 +456,18 @@ class ModelFamily:
         every replica to run the same encoder passes. Marked in `_dummy` so
         its features join the loss with weight 0 and no positions read it."""
         raise NotImplementedError
+
+    def begin_step(self, global_tokens: int) -> None:
+        """[trainer hook] A step starts; `global_tokens`: real tokens of its global batch."""
+
+    def step_stats(self):
+        """[trainer hook] None, or (float64 vector of per-rank sums, function of
+        the vector summed over ranks -> entries of the step's log row)."""
+        return None
+
+    def active_params(self, model: nn.Module) -> int:
+        """Parameters one token uses (the planner's `active` count; MoE families override)."""
+        return sum(p.numel() for p in model.parameters())
 
     def flops_per_token(self) -> float:
         """Training FLOPs per decoder token (for MFU)."""

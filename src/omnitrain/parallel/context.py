@@ -425,7 +425,9 @@ class ParallelContext:
     def reduce_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The step loss on every rank: sum over replicas and over the pipeline
         (only the last stage holds a non-zero part)."""
-        loss = loss.detach().float().cpu().reshape(())
+        # also a float64 vector of per-rank sums (ModelFamily.step_stats), summed the same way
+        loss = loss.detach().cpu().to(torch.float64 if loss.dtype == torch.float64 else torch.float32)
+        loss = loss.reshape(()) if loss.numel() == 1 else loss.clone()
         if self.tp_rank:  # every rank of a TP group holds the same loss: count it once
             loss.zero_()
         dist.all_reduce(loss)

@@ -25,9 +25,12 @@ def check_divisible(tp: dict[str, int], sizes: dict[str, dict[str, int]]) -> Non
             continue
         for name, n in sizes.get(module, {}).items():
             if n % t:
+                own = sizes.get(module, {}).values()
+                fit = [d for d in range(1, max(own) + 1) if all(v % d == 0 for v in own)]
                 raise ConfigError(
                     f"parallel.tp.{module}={t}: the {module} module's {name}={n} is not divisible by {t}; "
-                    f"use a TP size that divides {n}"
+                    f"TP sizes that fit every size of {module} ({', '.join(f'{k}={v}' for k, v in sizes[module].items())}): "
+                    f"{', '.join(map(str, fit))}"
                 )
 
 
@@ -153,6 +156,10 @@ def _styles(sequence_parallel: bool = False):
         # Logits computed per vocab shard and gathered: the loss code sees full logits.
         "vocab_head": lambda: ColwiseParallel(output_layouts=Replicate()),
         "colwise_fused3": lambda: FusedColwise(3),
+        # A norm over each head (per-head q/k norms) on a rank's heads: its weight is
+        # replicated, its grad a partial sum over the heads each rank holds (Partial,
+        # summed by ParallelContext._resolve_partial_grads).
+        "head_norm": lambda: SequenceParallel(sequence_dim=2, use_local_output=True),
     }
     if sequence_parallel:
         # Between the TP blocks the residual stream is a plain local tensor

@@ -214,6 +214,9 @@ def report(cfg) -> str:
     family, model = build_meta(cfg.model)
     counts = count_params(family, model)
     parts = [f"model={cfg.model.name}  ({family.hf_architecture}, built on meta)", "", module_table(counts)]
+    active = family.active_params(model)  # [family hook] MoE: the experts a token is not routed to do not count
+    if active != counts["total"]:
+        parts.append(f"active per token: {_fmt(active)} of {_fmt(counts['total'])} total ({active:,} of {counts['total']:,})")
     parts += ["", layer_table(layer_params(family, model))]
     note = auto_line = None
     try:

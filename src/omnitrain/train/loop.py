@@ -212,6 +212,7 @@ class Trainer:
             raise RuntimeError(f"step {self.step + 1}: the global batch has no label tokens; check data.train_on_prompt and the data")
         # token_mean passes the plain count, as before: its loss stays bitwise the same.
         norm = n_label if self.loss_type == "token_mean" else LossNorm(self.loss_type, n_label, n_samples)
+        self.adapter.begin_step(tokens)  # [family hook] MoE aux loss is normalised by the global batch's tokens
         extra = {}
         bad_mb = None  # the first micro-batch with a non-finite loss (known on a single stage)
         if self.ctx is None or self.ctx.num_stages == 1:
@@ -228,6 +229,10 @@ class Trainer:
         if self.ctx is not None:
             self.ctx.reduce_grads(self.module_params)
             loss = self.ctx.reduce_loss(loss)
+        stats = self.adapter.step_stats()  # [family hook] e.g. MoE aux loss and expert load
+        if stats is not None:
+            vec, to_row = stats
+            extra = {**extra, **to_row(self.ctx.reduce_loss(vec) if self.ctx is not None else vec)}
         if self.ctx is not None:  # [parallel hook] norm over pp stages, TP and FSDP shards
             grad_norm = self.ctx.clip_grad_norm(self.module_params, self.cfg.optim.grad_clip)
         else:

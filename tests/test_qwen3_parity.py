@@ -1,0 +1,62 @@
+"""Qwen3-Omni's thinker and Qwen3-VL reproduce the single-process run under
+pipeline and TP layouts (CPU, gloo, fp32, 3 optimizer steps of micro-batches
+of 2 mixing image, audio, video and text-only samples, the router aux loss
+on), through the real training loop and worker launch. Same bounds as the
+other parity files (1e-5; TP layouts per tensor 1e-4).
+
+The pp2 layouts put only LLM layer 0 on the merge stage, so DeepStack levels
+1 and 2 (added after LLM layers 1 and 2) cross the cut with the hidden states.
+The logged aux loss and expert load (summed over ranks) match as well.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import _synth
+from _layouts import check_parity, run_layout
+from conftest import compose_cfg
+from omnitrain.models.family import build_family
+
+STEPS, GLOBAL, MICRO = 3, 4, 2  # 2 micro-batches per step: the least 1F1B over 2 stages takes
+
+
+def _run(tmp, model, name, overrides, kinds):
+    out = tmp / name
+    run = run_layout(out, [f"model={model}", *overrides], steps=STEPS, global_batch=GLOBAL, micro=MICRO, kinds=kinds)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] if (out / "metrics.jsonl").exists() else []
+    return run, rows
+
+
+def _check(run, reference, name, model, tp=False):
+    (r, rows), (ref, ref_rows) = run, reference
+    diffs = check_parity(r, ref, STEPS, name, tensor_tol=1e-4 if tp else 1e-5, family=build_family(compose_cfg([f"model={model}"]).model))
+    for a, b in zip(rows, ref_rows):
+        for key in ("moe_aux", "moe_load_max_mean"):
+            if key in b:
+                assert abs(a[key] - b[key]) <= 1e-5 * abs(b[key]), (name, key, a[key], b[key])
+    print(f"\n{model} {name}: " + ", ".join(f"{k} {v[0]:.1e} ({v[1]})" if isinstance(v, tuple) else f"{k} {v:.1e}" for k, v in diffs.items()))
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    return tmp_path_factory.mktemp("q3")
+
+
+OMNI = ["model.moe.aux_loss_coef=0.01"]
+OMNI_PP2 = ["parallel=pp2", "parallel.pp.layers={vision:[27,0],audio:[32,0],llm:[1,47]}"]
+VL_PP2 = ["parallel=vl7b_pp2", "parallel.pp.layers={vision:[27,0],llm:[2,34]}"]
+
+
+def test_qwen3_omni_pp2_deepstack_across_the_cut(tmp):
+    ref = _run(tmp, "qwen3_omni", "single", ["parallel=single", *OMNI], _synth.KINDS_Q3_OMNI)
+    assert ref[1] and "moe_aux" in ref[1][0], ref[1][:1]
+    _check(_run(tmp, "qwen3_omni", "pp2", [*OMNI_PP2, *OMNI], _synth.KINDS_Q3_OMNI), ref, "pp2", "qwen3_omni")
+
+
+def test_qwen3_vl_pp2_and_tp2(tmp):
+    ref = _run(tmp, "qwen3_vl", "vl_single", ["parallel=single"], _synth.KINDS_Q3_VL)
+    _check(_run(tmp, "qwen3_vl", "vl_pp2", VL_PP2, _synth.KINDS_Q3_VL), ref, "pp2", "qwen3_vl")
+    _check(_run(tmp, "qwen3_vl", "vl_tp2", ["parallel=tp2"], _synth.KINDS_Q3_VL), ref, "tp2", "qwen3_vl", tp=True)
