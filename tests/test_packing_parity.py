@@ -3,8 +3,8 @@ ones (CPU, gloo, fp32, same bounds as tests/test_pipeline_parity.py): the
 Omni thinker on synthetic image / video / audio / text samples, 2 steps of
 4 micro-batches of 2 samples, against one unpacked, unbalanced process.
 
-- packing (data/packing.py) single, pp2 and tp2 with sequence parallelism:
-  rope per sample, attention within samples, the same label tokens;
+- packing (data/packing.py) single, pp2 and tp2: rope per sample,
+  attention within samples, the same label tokens;
 - balancing (data/balance.py) dp2, and pp2 x dp2 balanced and packed:
   samples move between ranks and micro-batches, the global batch does not.
 The logged metrics say what packing saved and how even the costs were.
@@ -80,7 +80,7 @@ def reference(tmp):
 PACKED = {
     "single": ["parallel=single"],
     "pp2": ["parallel=pp2"],
-    "tp2_sp": ["parallel=tp2", "parallel.sequence_parallel=true"],
+    "tp2": ["parallel=tp2"],
 }
 BALANCED = {
     "dp2": (["parallel=dp2"], None),
