@@ -27,8 +27,11 @@ def test_plan_first_fit_decreasing_every_sample_once_within_capacity():
         assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
         assert all(sum(lengths[i] for i in r) <= cap for r in rows)
         assert all(r == sorted(r) for r in rows)
-        # first fit: no row could also have held a later row's shortest sample... at least as good as one per row
-        assert len(rows) <= len(lengths)
+        # first fit decreasing: a sample opens a new row only if no earlier row had room for it
+        for k, r in enumerate(rows[1:], 1):
+            first = max(r, key=lambda i: (lengths[i], -i))  # the sample that opened row k
+            placed_before = [i for row in rows[:k] for i in row if (lengths[i], -i) > (lengths[first], -first)]
+            assert all(sum(lengths[i] for i in row if i in placed_before) + lengths[first] > cap for row in rows[:k])
     assert packing.plan([60, 60, 30, 30], 90) == [[0, 2], [1, 3]]  # next-fit in order would need 3 rows
     assert packing.plan([5], 5) == [[0]]
 

@@ -1,7 +1,7 @@
 """Packed and cost-balanced micro-batches train exactly like the plain
 ones (CPU, gloo, fp32, same bounds as tests/test_pipeline_parity.py): the
 Omni thinker on synthetic image / video / audio / text samples, 2 steps of
-4 micro-batches of 2 samples, against one unpacked, unbalanced process.
+4 samples in micro-batches of 2, against one unpacked, unbalanced process.
 
 - packing (data/packing.py) single, pp2 and tp2: rope per sample,
   attention within samples, the same label tokens;
@@ -20,7 +20,7 @@ import _synth
 from _layouts import _default_family, check_parity, run_layout
 from omnitrain.data import balance, packing
 
-STEPS, GLOBAL, MICRO = 2, 8, 2
+STEPS, GLOBAL, MICRO = 2, 4, 2
 # The synthetic lengths cycle 27, 68, 27, 97, 29, 81: some pairs fit one row, some do not.
 MAX_TOKENS = 100
 
@@ -84,7 +84,8 @@ PACKED = {
 }
 BALANCED = {
     "dp2": (["parallel=dp2"], None),
-    "pp2_dp2_packed": (["parallel=pp2", "parallel.dp=2"], MAX_TOKENS),
+    # one micro-batch per rank: gpipe (1f1b needs pp.size of them)
+    "pp2_dp2_packed": (["parallel=pp2", "parallel.dp=2", "parallel.pp.schedule=gpipe"], MAX_TOKENS),
 }
 
 
