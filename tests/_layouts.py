@@ -44,11 +44,12 @@ def _save_params(path, trainer):
     torch.save(local, f"{path}/params_{trainer.ctx.rank if trainer.ctx else 0}.pt")
 
 
-def run_layout(out: Path, overrides, *, steps: int, global_batch: int, micro: int = 1, kinds=None, eval_kinds=None, rows_out=None):
+def run_layout(out: Path, overrides, *, steps: int, global_batch: int, micro: int = 1, kinds=None, eval_kinds=None, make_loader=None, rows=None):
     """Returns (losses, grad norms, {param name: final tensor}). `kinds`: the
     synthetic sample kinds (default `_synth.KINDS`, for the Omni thinker);
-    `eval_kinds`: synthetic validation data (with train.eval_every); `rows_out`,
-    a list, receives the metric rows."""
+    `eval_kinds`: synthetic validation data (with train.eval_every);
+    `make_loader(dp_rank, dp_size)` replaces the synthetic loader; `rows`, a
+    list, receives the logged metric rows."""
     out.mkdir()
     cfg = compose_cfg(
         [f"train.steps={steps}", f"train.global_batch_size={global_batch}", f"train.micro_batch_size={micro}",
@@ -56,15 +57,15 @@ def run_layout(out: Path, overrides, *, steps: int, global_batch: int, micro: in
         output_dir=out,
     )
     check_layout(cfg)
-    loader = functools.partial(_loader, global_batch=global_batch, micro=micro, kinds=kinds)
+    loader = make_loader or functools.partial(_loader, global_batch=global_batch, micro=micro, kinds=kinds)
     evals = None if eval_kinds is None else functools.partial(_loader, global_batch=global_batch, micro=micro, kinds=eval_kinds)
-    rows = launch.launch(worker, world_size_for(cfg), cfg, loader, functools.partial(_save_params, str(out)), evals, timeout_s=120)
-    if rows_out is not None:
-        rows_out += rows
+    logged = launch.launch(worker, world_size_for(cfg), cfg, loader, functools.partial(_save_params, str(out)), evals, timeout_s=120)
+    if rows is not None:
+        rows.extend(logged)
     params = {}
     for f in sorted(out.glob("params_*.pt")):
         params.update(torch.load(f))
-    return [r["loss"] for r in rows], [r["grad_norm"] for r in rows], params
+    return [r["loss"] for r in logged], [r["grad_norm"] for r in logged], params
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

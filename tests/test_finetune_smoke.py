@@ -51,7 +51,7 @@ def test_all_options_under_each_layout(tmp_path, family, layout):
     small, pp, kinds = FAMILIES[family]
     over = [f"model={family}", *small, *OPTIONS, *LAYOUTS[layout](pp)]
     rows = []
-    run = run_layout(tmp_path / layout, over, steps=STEPS, global_batch=GLOBAL, kinds=kinds, eval_kinds=kinds[::-1], rows_out=rows)
+    run = run_layout(tmp_path / layout, over, steps=STEPS, global_batch=GLOBAL, kinds=kinds, eval_kinds=kinds[::-1], rows=rows)
     fam = build_family(compose_cfg(over).model)
     params = run[2]
     assert [r["step"] for r in rows] == [1, 2] and all("eval_loss" in r and not r.get("skipped") for r in rows)

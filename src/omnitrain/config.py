@@ -262,6 +262,8 @@ def validate(cfg) -> None:
     _need("data.num_workers", d.num_workers, d.num_workers >= 0, "must be >= 0")
     _need("data.cutoff_len", d.cutoff_len, d.cutoff_len >= 1, "must be >= 1")
     _need("data.on_error", d.on_error, d.on_error in ("raise", "skip"), "use raise or skip")
+    if d.get("max_tokens") is not None:
+        _need("data.max_tokens", d.max_tokens, d.max_tokens >= 1, "must be >= 1 (null = data.cutoff_len)")
     o = cfg.optim
     opt = o.optimizer
     if "lr" in opt:

@@ -55,6 +55,15 @@ class DataConfig:
     system: Optional[str] = None
     # Folder for processed samples keyed by content + settings; null = no cache.
     cache_dir: Optional[str] = None
+    # Sequence packing (data/packing.py): the samples of a micro-batch share
+    # rows of at most max_tokens tokens (attention and rope stay per sample; the
+    # loss is the same). A sample longer than max_tokens is an error, never cut.
+    packing: bool = False
+    max_tokens: Optional[int] = None  # null = cutoff_len
+    # Cost-balanced micro-batches (data/balance.py): the samples of each global
+    # batch are dealt to dp ranks and micro-batches so that their predicted
+    # cost (the family's cost per token) is even; the global batch is unchanged.
+    balance: bool = False
     # Processed samples -> one micro-batch, by `_target_` (called with the samples and the pad id).
     collator: Any = field(default_factory=lambda: {"_target_": "omnitrain.data.collate", "_partial_": True})
 

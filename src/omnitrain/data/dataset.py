@@ -163,15 +163,29 @@ class ProcessedDataset(torch.utils.data.Dataset):
     decides between raising and counting.
     """
 
-    def __init__(self, index: Index, builder: SampleBuilder, cache: Optional[SampleCache] = None):
+    def __init__(self, index: Index, builder: SampleBuilder, cache: Optional[SampleCache] = None, max_tokens: Optional[int] = None):
         self.index = index
         self.builder = builder
         self.cache = cache
+        self.max_tokens = max_tokens  # data.packing: a sample longer than this is an error
+
+    def __getitem__(self, key: Tuple[int, int]) -> Dict[str, Any]:
+        sample = self._get(key)
+        n = len(sample["input_ids"])
+        if self.max_tokens is not None and n > self.max_tokens and "error" not in sample["meta"]:
+            d, i = key
+            ex = self.index.examples[d][i]
+            return self.filler(DataError(
+                f"{n} tokens, more than data.max_tokens={self.max_tokens} (data.packing never cuts a sample); "
+                "raise data.max_tokens, lower data.cutoff_len or the media resolution, or set data.on_error=skip",
+                dataset=ex.dataset, index=ex.index, reason="too_long_to_pack",
+            ))
+        return sample
 
     def __len__(self) -> int:
         return sum(self.index.sizes)
 
-    def __getitem__(self, key: Tuple[int, int]) -> Dict[str, Any]:
+    def _get(self, key: Tuple[int, int]) -> Dict[str, Any]:
         d, i = key
         ex = self.index.examples[d][i]
         uiv = self.index.specs[d].use_audio_in_video

@@ -13,6 +13,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
+from omnitrain.data import balance, packing
 from omnitrain.data.collate import collate
 from omnitrain.data.dataset import ProcessedDataset, SampleCache, build_index, processor_fingerprint
 from omnitrain.data.errors import DataError
@@ -25,28 +26,57 @@ log = logging.getLogger(__name__)
 
 
 class _MicroBatches(torch.utils.data.Sampler):
-    """Endless (dataset, sample) keys of this rank's micro-batches from `start`."""
+    """Endless (dataset, sample) keys of this rank's micro-batches from `start`;
+    with data.balance, the whole global batch of each step (from the step of `start`)."""
 
     def __init__(self, loader: "OmniLoader", start: int):
         self.loader = loader
         self.start = start
 
     def __iter__(self) -> Iterator[List[Any]]:
+        lo = self.loader
+        if lo.balance:
+            step = self.start // lo.micro_batches_per_step
+            while True:
+                yield [lo.key_at(p) for p in range(step * lo.global_batch, (step + 1) * lo.global_batch)]
+                step += 1
         m = self.start
         while True:
-            yield [self.loader.key_at(p) for p in self.loader.positions(m)]
+            yield [lo.key_at(p) for p in lo.positions(m)]
             m += 1
 
 
 class _Collate:
-    """Picklable collate for workers: (micro-batch, per-sample meta)."""
+    """Picklable collate for workers: (micro-batch, per-sample meta); packed
+    with data.packing (data/packing.py)."""
 
-    def __init__(self, fn, pad_id: int):
-        self.fn, self.pad_id = fn, pad_id
+    def __init__(self, fn, pad_id: int, max_tokens: Optional[int] = None):
+        self.fn, self.pad_id, self.max_tokens = fn, pad_id, max_tokens
+
+    def one(self, samples):
+        if self.max_tokens is None:
+            return self.fn(samples, self.pad_id)
+        lengths = [len(s["input_ids"]) for s in samples]
+        return packing.pack_samples(samples, lambda ss: self.fn(ss, self.pad_id), lengths, self.max_tokens, self.pad_id)
 
     def __call__(self, samples):
         with one_thread():
-            return self.fn(samples, self.pad_id), [s["meta"] for s in samples]
+            return self.one(samples), [s["meta"] for s in samples]
+
+
+class _BalancedCollate(_Collate):
+    """data.balance: the global batch's samples -> this rank's micro-batches
+    (data/balance.py), costs from each sample collated alone."""
+
+    def __init__(self, fn, pad_id, max_tokens, cost, dp_rank, dp_size, micro_batches, micro):
+        super().__init__(fn, pad_id, max_tokens)
+        self.cost, self.dp_rank, self.dp_size, self.m, self.micro = cost, dp_rank, dp_size, micro_batches, micro
+
+    def __call__(self, samples):
+        with one_thread():
+            costs = [self.cost(self.fn([s], self.pad_id)) for s in samples]
+            mine = balance.assign(costs, self.dp_size, self.m, self.micro)[self.dp_rank]
+            return [(self.one([samples[i] for i in mb]), [samples[i]["meta"] for i in mb]) for mb in mine], None
 
 
 def _worker_init(_: int) -> None:
@@ -68,7 +98,12 @@ class OmniLoader:
         weights: Optional[List[float]] = None,
         on_error: str = "raise",
         collate_fn=collate,
+        max_tokens: Optional[int] = None,
+        cost_fn=None,
     ):
+        """`max_tokens`: pack each micro-batch into rows of that many tokens
+        (None: no packing). `cost_fn(micro-batch) -> float`: balance each global
+        batch over ranks and micro-batches by it (None: sampler order)."""
         check_batch_sizes(global_batch_size, micro_batch_size, dp_size)
         self.dataset = dataset
         self.seed = seed
@@ -80,6 +115,9 @@ class OmniLoader:
         self.weights = None if weights is None else tuple(float(w) for w in weights)
         self.on_error = on_error
         self.collate_fn = collate_fn
+        self.max_tokens = max_tokens
+        self.cost_fn = cost_fn
+        self.balance = cost_fn is not None
         self.sizes = dataset.index.sizes
         self.epoch_len = len(epoch_order(self.sizes, self.weights, seed, 0))
         self.micro_step = 0
@@ -113,17 +151,23 @@ class OmniLoader:
         kwargs: Dict[str, Any] = {}
         if self.num_workers > 0:
             kwargs = dict(prefetch_factor=self.prefetch_factor, worker_init_fn=_worker_init, persistent_workers=False)
+        pad = self.dataset.builder.ids.pad
+        if self.balance:
+            fn = _BalancedCollate(
+                self.collate_fn, pad, self.max_tokens, self.cost_fn, self.dp_rank, self.dp_size, self.micro_batches_per_step, self.micro
+            )
+        else:
+            fn = _Collate(self.collate_fn, pad, self.max_tokens)
         dl = torch.utils.data.DataLoader(
-            self.dataset,
-            batch_sampler=_MicroBatches(self, self.micro_step),
-            collate_fn=_Collate(self.collate_fn, self.dataset.builder.ids.pad),
-            num_workers=self.num_workers,
-            **kwargs,
+            self.dataset, batch_sampler=_MicroBatches(self, self.micro_step), collate_fn=fn, num_workers=self.num_workers, **kwargs
         )
         for batch, metas in dl:
-            self._account(metas)
-            self.micro_step += 1
-            yield batch
+            # balanced: one global batch -> this rank's micro-batches of the step (a resume may start inside it)
+            parts = batch[self.micro_step % self.micro_batches_per_step :] if self.balance else [(batch, metas)]
+            for mb, mb_metas in parts:
+                self._account(mb_metas)
+                self.micro_step += 1
+                yield mb
 
     def _account(self, metas: List[Dict[str, Any]]) -> None:
         for meta in metas:
@@ -234,6 +278,14 @@ def build_loader(
 
     dataset = build_dataset(data_cfg, family, processor)
     collator = getattr(data_cfg, "collator", None)
+    max_tokens = None
+    if data_cfg.get("packing", False):
+        max_tokens = int(data_cfg.get("max_tokens") or data_cfg.cutoff_len)
+        dataset.max_tokens = max_tokens  # a longer sample is an error naming it (data.on_error)
+    cost_fn = None
+    if data_cfg.get("balance", False):
+        family.cost_per_token()  # computed once here, not in every worker
+        cost_fn = family.batch_cost
     return OmniLoader(
         dataset,
         seed=seed,
@@ -246,4 +298,6 @@ def build_loader(
         weights=None if data_cfg.weights is None else list(data_cfg.weights),
         on_error=data_cfg.on_error,
         collate_fn=instantiate(collator) if collator else collate,
+        max_tokens=max_tokens,
+        cost_fn=cost_fn,
     )

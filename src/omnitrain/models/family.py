@@ -67,13 +67,14 @@ class Media:
     rows: tuple[str, ...]  # keys with one row per patch / clip, in sample order
     per_item: tuple[str, ...] = ()  # keys with one row per item (grids, timings)
     grid: str | None = None  # rows per item = prod(grid) (else one row per item)
+    frames: str | None = None  # a mask whose sum is the items' input length (audio frames)
 
 
 # The collator's keys (data/collate.py), shared by every family that has the kind.
 MEDIA = {
     "image": Media("image", "pixel_values", ("pixel_values",), ("image_grid_thw",), "image_grid_thw"),
     "video": Media("video", "pixel_values_videos", ("pixel_values_videos",), ("video_grid_thw", "video_second_per_grid"), "video_grid_thw"),
-    "audio": Media("audio", "input_features", (), ("input_features", "feature_attention_mask")),
+    "audio": Media("audio", "input_features", (), ("input_features", "feature_attention_mask"), frames="feature_attention_mask"),
 }
 
 
@@ -440,7 +441,12 @@ class ModelFamily:
         if len(plan.layers.get(dec, range(0))):
             self.decode(model, plan.layers[dec], mb, out)
         if dec in plan.post:
-            return self.loss(model, out["h"], mb["labels"], num_label_tokens)
+            segments = None
+            if isinstance(num_label_tokens, LossNorm) and num_label_tokens.kind == "sample_mean" and "pack_index" in mb:
+                from omnitrain.data.packing import segment_ids
+
+                segments = segment_ids(mb)  # sample_mean weighs per sample, not per packed row
+            return self.loss(model, out["h"], mb["labels"], num_label_tokens, segments=segments)
         return out
 
     def encode(self, module: str, model: nn.Module, plan, view: dict, out: dict) -> None:
@@ -523,6 +529,48 @@ class ModelFamily:
         act = 4.0 * w * work.tokens * dtype_bytes
         return Cost(flops, params * dtype_bytes + 2 * act, act)
 
+    # ---- predicted cost (data.balance, metrics) ----------------------------
+    def cost_per_token(self, model: nn.Module | None = None) -> dict[str, float]:
+        """Predicted training FLOPs per input token of each module: an encoder
+        per row it reads (patch, audio frame), 6 x its layers' parameters; the
+        decoder `flops_per_token`. Cached; counted on `model` if given (any
+        stage's: parameters it does not own are on meta, still with their
+        shapes), else on a meta build. A small default that a fuller cost model
+        (attention, per layer type) can replace."""
+        cached = self.__dict__.get("_cost_per_token")
+        if cached is None:
+            mods = dict((model or self.build_meta()).named_modules())
+            cached = {m.name: 6.0 * sum(p.numel() for p in mods[m.layers].parameters()) for m in self.modules[:-1]}
+            cached[self.decoder] = float(self.flops_per_token())
+            self._cost_per_token = cached
+        return cached
+
+    def module_tokens(self, mb: dict) -> dict[str, int]:
+        """Input tokens of each module in a micro-batch: an encoder's rows of
+        real media (patches, audio frames; dummy media not counted), the decoder's tokens."""
+        dummy = mb.get("_dummy", ())
+        out = {}
+        for m in self.modules[:-1]:
+            n = 0
+            for kind in m.media:
+                md = MEDIA[kind]
+                if md.trigger not in mb or kind in dummy:
+                    continue
+                if md.grid:
+                    n += int(mb[md.grid].prod(-1).sum())
+                elif md.frames:
+                    n += int(mb[md.frames].sum())
+                else:
+                    n += int(mb[md.per_item[0]].shape[0])
+            out[m.name] = n
+        out[self.decoder] = int(mb["attention_mask"].sum())
+        return out
+
+    def batch_cost(self, mb: dict) -> float:
+        """Predicted training FLOPs of a micro-batch (or of one sample collated alone)."""
+        cpt = self.cost_per_token()
+        return sum(cpt[m] * n for m, n in self.module_tokens(mb).items())
+
     def language_model(self, model: nn.Module) -> nn.Module:
         return model.model.language_model
 
@@ -558,7 +606,17 @@ class ModelFamily:
                     raise ValueError(f"{kind} tokens ({n_tok}) != {kind} features ({feats.shape[0]}) in this micro-batch")
                 emb = emb.masked_scatter(mask.unsqueeze(-1), feats.to(emb.dtype))
         out["h"] = emb
-        out["pos"] = self.rope_positions(model, mb)
+        out["pos"] = self.positions(model, mb)
+
+    def positions(self, model: nn.Module, mb: dict) -> torch.Tensor:
+        """`rope_positions`, for a packed micro-batch (data/packing.py) computed
+        per sample on its unpacked view (so they restart at every sample) and
+        laid out as the packed tokens."""
+        from omnitrain.data import packing
+
+        if not packing.is_packed(mb):
+            return self.rope_positions(model, mb)
+        return packing.fold_positions(self.rope_positions(model, packing.unpack(mb)), mb)
 
     def decode(self, model: nn.Module, layers: range, mb: dict, out: dict) -> None:
         """The decoder's layers `layers`, called as HF's decoder calls them."""
@@ -569,15 +627,21 @@ class ModelFamily:
         # The mask spans the whole sequence; under sequence parallelism h holds
         # a part of it, so the mask takes its length from the attention mask.
         whole = h.new_empty((h.shape[0], mb["attention_mask"].shape[1], 0))
-        mask = create_causal_mask(
-            config=lm.config, inputs_embeds=whole, attention_mask=mb["attention_mask"], cache=None, position_ids=None
-        )
+        am, seq_pos = mb["attention_mask"], None
+        if "pack_index" in mb:
+            # Packed samples (data/packing.py): positions restarting per sample and
+            # no 2-D mask are how HF builds a block-diagonal causal mask (and flash
+            # attention its varlen spans); padding is last in a row, seen by none.
+            from omnitrain.data.packing import sequence_positions
+
+            am, seq_pos = None, sequence_positions(mb)
+        mask = create_causal_mask(config=lm.config, inputs_embeds=whole, attention_mask=am, cache=None, position_ids=seq_pos)
         rot = lm.rotary_emb(h, pos)
         for i in layers:
-            h = lm.layers[i](h, attention_mask=mask, position_embeddings=rot, position_ids=None, use_cache=False)
+            h = lm.layers[i](h, attention_mask=mask, position_embeddings=rot, position_ids=seq_pos, use_cache=False)
         out["h"] = h
 
-    def loss(self, model: nn.Module, h: torch.Tensor, labels: torch.Tensor, num_label_tokens) -> torch.Tensor:
+    def loss(self, model: nn.Module, h: torch.Tensor, labels: torch.Tensor, num_label_tokens, segments=None) -> torch.Tensor:
         """This micro-batch's part of the global batch's loss.
 
         `num_label_tokens` is the label tokens of the whole global batch (an
@@ -602,19 +666,28 @@ class ModelFamily:
         if norm.kind == "sum":
             return F.cross_entropy(logits, shift, ignore_index=IGNORE_INDEX, reduction="sum")
         ce = F.cross_entropy(logits, shift, ignore_index=IGNORE_INDEX, reduction="none")
-        return (ce * self.token_weights(shifted, norm.samples).reshape(-1)).sum()
+        return (ce * self.token_weights(shifted, norm.samples, segments).reshape(-1)).sum()
 
     @staticmethod
-    def token_weights(shifted_labels: torch.Tensor, num_samples: int) -> torch.Tensor:
+    def token_weights(shifted_labels: torch.Tensor, num_samples: int, segments=None) -> torch.Tensor:
         """`sample_mean`'s weight per (shifted) label position: 1 / (label tokens
-        of its sample x samples with labels in the global batch); 0 where ignored."""
+        of its sample x samples with labels in the global batch); 0 where ignored.
+        A row is a sample, or with packing `segments` (rows, L) says whose each token is."""
         mask = shifted_labels != IGNORE_INDEX
-        per_sample = mask.sum(1, keepdim=True).clamp_min(1).to(torch.float32)
+        if segments is None:
+            per_sample = mask.sum(1, keepdim=True).clamp_min(1).to(torch.float32)
+        else:
+            counts = torch.zeros(int(segments.max()) + 1, dtype=torch.float32, device=mask.device)
+            counts.scatter_add_(0, segments.reshape(-1), mask.reshape(-1).to(torch.float32))
+            per_sample = counts.clamp_min(1)[segments]
         return mask.to(torch.float32) / (per_sample * num_samples)
 
     @staticmethod
     def count_samples(mb: dict) -> int:
         """Samples of a micro-batch with at least one label token (what `sample_mean` averages over)."""
+        if "pack_index" in mb:  # packed (data/packing.py): per sample, not per row
+            labels = mb["labels"]
+            return sum(bool((labels[r, s + 1 : s + n] != IGNORE_INDEX).any()) for r, s, n in mb["pack_index"].tolist())
         return int(((mb["labels"][:, 1:] != IGNORE_INDEX).sum(1) > 0).sum())
 
     @staticmethod

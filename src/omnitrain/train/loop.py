@@ -65,6 +65,7 @@ class Trainer:
         self.recomputed = recompute.apply(self.model, self.adapter, self.plans, cfg.train)
         if self.ctx is not None:  # [parallel hook] TP / FSDP on this rank's modules
             self.model = self.ctx.parallelize(self.adapter, self.model, self.plans)
+        self.adapter.cost_per_token(self.model)  # cached for the cost metrics (and data.balance)
         self.module_params = [(self.adapter.module_of(n), p) for n, p in self.adapter.local_parameters(self.model)]
         self.params = [p for _, p in self.module_params]
         # [parallel hook] joins encoder features computed in parts, shards the LLM's sequence
@@ -201,19 +202,20 @@ class Trainer:
     def train_step(self, micro_batches: list[dict]) -> StepResult:
         t0 = time.perf_counter()
         micro_batches = [self._to_device(mb) for mb in micro_batches]
+        data_metrics = self._data_counts(micro_batches)  # before dummy media and sequence padding
         if self.ctx is not None:  # [parallel hook] same encoder passes on every dp replica
             micro_batches = self.ctx.prepare_micro_batches(self.adapter, micro_batches, self.dev)
         n_label = sum(self.adapter.count_label_tokens(mb) for mb in micro_batches)
         n_samples = sum(self.adapter.count_samples(mb) for mb in micro_batches)
         tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
         if self.ctx is not None:
-            n_label, tokens, n_samples = self.ctx.dp_sum_ints(n_label, tokens, n_samples)
+            n_label, tokens, n_samples, *data_metrics = self.ctx.dp_sum_ints(n_label, tokens, n_samples, *data_metrics)
         if n_label == 0:
             raise RuntimeError(f"step {self.step + 1}: the global batch has no label tokens; check data.train_on_prompt and the data")
         # token_mean passes the plain count, as before: its loss stays bitwise the same.
         norm = n_label if self.loss_type == "token_mean" else LossNorm(self.loss_type, n_label, n_samples)
         self.adapter.begin_step(tokens)  # [family hook] MoE aux loss is normalised by the global batch's tokens
-        extra = {}
+        extra = self._data_metrics(tokens, data_metrics)
         bad_mb = None  # the first micro-batch with a non-finite loss (known on a single stage)
         if self.ctx is None or self.ctx.num_stages == 1:
             loss = torch.zeros((), dtype=torch.float32)
@@ -225,7 +227,8 @@ class Trainer:
                     bad_mb = i
                 loss += mb_loss
         else:
-            loss, extra = self.ctx.run_pipeline(self, micro_batches, norm)
+            loss, pipe = self.ctx.run_pipeline(self, micro_batches, norm)
+            extra.update(pipe)
         if self.ctx is not None:
             self.ctx.reduce_grads(self.module_params)
             loss = self.ctx.reduce_loss(loss)
@@ -256,6 +259,35 @@ class Trainer:
         self.step += 1
         return StepResult(float(loss), float(grad_norm), lr, tokens, time.perf_counter() - t0, extra)
 
+    def _data_counts(self, micro_batches: list[dict]) -> list[int]:
+        """What the data metrics need, as ints to sum over dp: LLM positions
+        computed, and what they would be unpacked; each micro-batch's predicted
+        cost in this rank's slot of a (dp x micro-batches) vector."""
+        from omnitrain.data.packing import computed_tokens
+
+        counts = [computed_tokens(mb) for mb in micro_batches]
+        m = len(micro_batches)
+        costs = [0] * (self.dp_size * m)
+        for j, mb in enumerate(micro_batches):
+            costs[self.dp_rank * m + j] = int(round(self.adapter.batch_cost(mb)))
+        return [sum(c for c, _ in counts), sum(u for _, u in counts), *costs]
+
+    def _data_metrics(self, tokens: int, counts: list[int]) -> dict:
+        """Padding fraction of the LLM positions computed (`pad_frac`) and what it
+        would be unpacked (`pad_frac_unpacked`); max/mean predicted cost over dp
+        ranks and over micro-batches (data/balance.py)."""
+        from omnitrain.data.balance import max_over_mean
+
+        computed, unpacked, *costs = counts
+        m = len(costs) // self.dp_size
+        ranks = [sum(costs[r * m : (r + 1) * m]) for r in range(self.dp_size)]
+        return {
+            "pad_frac": 1 - tokens / max(computed, 1),
+            "pad_frac_unpacked": 1 - tokens / max(unpacked, 1),
+            "cost_imbalance_ranks": max_over_mean(ranks),
+            "cost_imbalance_micro": max_over_mean(costs),
+        }
+
     def _nonfinite(self, loss: float, grad_norm: float, micro_batches: list[dict], bad_mb) -> None:
         step = self.step + 1
         where = self._sample_positions(step, micro_batches, bad_mb)
@@ -279,8 +311,10 @@ class Trainer:
         lo = (step - 1) * G + self.dp_rank * per_rank
         out = f" (samples {(step - 1) * G}..{step * G - 1} of the data order"
         if bad_mb is not None:
-            n = int(micro_batches[bad_mb]["input_ids"].shape[0])
-            a = lo + sum(int(mb["input_ids"].shape[0]) for mb in micro_batches[:bad_mb])
+            from omnitrain.data.packing import num_samples
+
+            n = num_samples(micro_batches[bad_mb])
+            a = lo + sum(num_samples(mb) for mb in micro_batches[:bad_mb])
             out += f"; first non-finite micro-batch {bad_mb} of dp rank {self.dp_rank}: samples {a}..{a + n - 1}"
         return out + ")"
 

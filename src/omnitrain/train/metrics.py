@@ -120,6 +120,8 @@ def format_row(row: dict, total: int) -> str:
     parts.append(f"{row['step_time_s']:.2f} s")
     if row.get("mfu"):
         parts.append(f"mfu {row['mfu']:.1%}")
+    if row.get("pad_frac_unpacked", 0) != row.get("pad_frac", 0):  # packed
+        parts.append(f"pad {row['pad_frac']:.0%} (unpacked {row['pad_frac_unpacked']:.0%})")
     if "bubble" in row:
         parts.append(f"bubble {row['bubble']:.0%}")
     return " | ".join(parts)

@@ -203,6 +203,11 @@ class Qwen25OmniThinker(Qwen25VL):
         n, frames = self.audio_frames(load)
         return Work(n * frames if part == "pre" else float(load.get("audio", 0)))
 
+    def cost_per_token(self, model=None) -> dict[str, float]:
+        # the audio layers run on conv2's output: half the mel frames
+        c = super().cost_per_token(model)
+        return {**c, "audio": c["audio"] / 2}
+
     def tp_sizes(self) -> dict[str, dict[str, int]]:
         a = self.hf_config.audio_config
         audio = {"encoder_attention_heads": a.encoder_attention_heads, "encoder_ffn_dim": a.encoder_ffn_dim}
