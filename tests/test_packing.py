@@ -166,17 +166,20 @@ def test_loader_names_a_sample_too_long_to_pack():
     assert skipping.stats()["failed"] == {"too_long_to_pack": 4}
 
 
-# ---- a VL family's packed forward (Qwen2.5-VL: video rope spaced by seconds) ----
-def test_vl_packed_loss_and_grads_equal_unpacked():
+# ---- a VL family's packed forward (Qwen2.5-VL: video rope spaced by seconds;
+# Qwen3-VL: its own decode, DeepStack features added at packed visual positions) ----
+@pytest.mark.parametrize("model_name,kinds", [("qwen25_vl", _synth.KINDS_VL), ("qwen3_vl", _synth.KINDS_Q3_VL)])
+def test_vl_packed_loss_and_grads_equal_unpacked(model_name, kinds):
     from conftest import compose_cfg
     from hydra.utils import instantiate
 
     from omnitrain.parallel.layout import whole_plan
 
-    fam = instantiate(compose_cfg(["model=qwen25_vl"]).model, _convert_="all")
+    small = ["model.config.vision_config.depth=4", "model.config.vision_config.deepstack_visual_indexes=[0,1,2]", "model.config.text_config.num_hidden_layers=4"] if model_name == "qwen3_vl" else []
+    fam = instantiate(compose_cfg([f"model={model_name}", *small]).model, _convert_="all")
     plan = whole_plan(fam.depths)
     model = fam.build(plan, torch.device("cpu"), seed=5)
-    ss = _synth.samples(7, kinds=_synth.KINDS_VL)
+    ss = _synth.samples(7, kinds=kinds)
     plain = _synth.collate(ss)
     mb = packing.pack_samples(ss, _synth.collate, [len(s["ids"]) for s in ss], 96, _synth.PAD)
     assert mb["input_ids"].shape[0] < len(ss)

@@ -618,12 +618,11 @@ class ModelFamily:
             return self.rope_positions(model, mb)
         return packing.fold_positions(self.rope_positions(model, packing.unpack(mb)), mb)
 
-    def decode(self, model: nn.Module, layers: range, mb: dict, out: dict) -> None:
-        """The decoder's layers `layers`, called as HF's decoder calls them."""
+    def decoder_mask(self, lm: nn.Module, h: torch.Tensor, mb: dict):
+        """(causal mask, position ids or None) for the decoder's layers; a
+        family that overrides `decode` calls it too, so packing holds for it."""
         from transformers.masking_utils import create_causal_mask
 
-        lm = self.language_model(model)
-        h, pos = out["h"], out["pos"]
         # The mask spans the whole sequence; under sequence parallelism h holds
         # a part of it, so the mask takes its length from the attention mask.
         whole = h.new_empty((h.shape[0], mb["attention_mask"].shape[1], 0))
@@ -635,7 +634,13 @@ class ModelFamily:
             from omnitrain.data.packing import sequence_positions
 
             am, seq_pos = None, sequence_positions(mb)
-        mask = create_causal_mask(config=lm.config, inputs_embeds=whole, attention_mask=am, cache=None, position_ids=seq_pos)
+        return create_causal_mask(config=lm.config, inputs_embeds=whole, attention_mask=am, cache=None, position_ids=seq_pos), seq_pos
+
+    def decode(self, model: nn.Module, layers: range, mb: dict, out: dict) -> None:
+        """The decoder's layers `layers`, called as HF's decoder calls them."""
+        lm = self.language_model(model)
+        h, pos = out["h"], out["pos"]
+        mask, seq_pos = self.decoder_mask(lm, h, mb)
         rot = lm.rotary_emb(h, pos)
         for i in layers:
             h = lm.layers[i](h, attention_mask=mask, position_embeddings=rot, position_ids=seq_pos, use_cache=False)

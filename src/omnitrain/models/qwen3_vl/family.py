@@ -183,12 +183,9 @@ class DeepStack:
         """The decoder's layers as HF's text model runs them: layer j < len(ds)
         adds DeepStack level j at the visual positions after itself; an MoE
         layer's router logits give its aux-loss term and expert counts."""
-        from transformers.masking_utils import create_causal_mask
-
         lm = self.language_model(model)
         h, pos = out["h"], out["pos"]
-        whole = h.new_empty((h.shape[0], mb["attention_mask"].shape[1], 0))
-        mask = create_causal_mask(config=lm.config, inputs_embeds=whole, attention_mask=mb["attention_mask"], cache=None, position_ids=None)
+        mask, seq_pos = self.decoder_mask(lm, h, mb)
         rot = lm.rotary_emb(h, pos)
         vis = None
         for i in layers:
@@ -198,7 +195,7 @@ class DeepStack:
             if self.moe_stats is not None and i in self.moe_layers:
                 handle = layer.mlp.gate.register_forward_hook(lambda _m, _a, o: captured.append(o[0]))
             try:
-                h = layer(h, attention_mask=mask, position_embeddings=rot, position_ids=None, use_cache=False)
+                h = layer(h, attention_mask=mask, position_embeddings=rot, position_ids=seq_pos, use_cache=False)
             finally:
                 if handle is not None:
                     handle.remove()
