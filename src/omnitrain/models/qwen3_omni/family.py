@@ -125,6 +125,13 @@ class Qwen3OmniThinker(DeepStack, Qwen25OmniThinker):
         else:
             out["audio_h"] = h
 
+    @staticmethod
+    def audio_frames(load) -> tuple[float, float]:
+        """(items, encoder positions per item): AuT's layers run on its
+        downsampled outputs, one per LLM audio token (no pooling after them)."""
+        tok, n = float(load.get("audio", 0)), float(load.get("audio_items", 1)) or 1.0
+        return n, tok / n
+
     def tp_sizes(self) -> dict[str, dict[str, int]]:
         a = self.hf_config.audio_config
         audio = {"encoder_attention_heads": a.encoder_attention_heads, "encoder_ffn_dim": a.encoder_ffn_dim}

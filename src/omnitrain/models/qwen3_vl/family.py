@@ -263,6 +263,31 @@ class DeepStack:
             out["intermediate_size"] = t.intermediate_size
         return out
 
+    # ---- cost model [planner hooks] (plan/cost.py) ---------------------------
+    def layer_type(self, module: str, index: int) -> str:
+        """The ViT attends over whole items in every block (no windows); MoE
+        decoder layers are their own type (their cost is the active experts')."""
+        if module == self.decoder and index in self.moe_layers:
+            return "llm_moe"
+        return module if module == "vision" else super().layer_type(module, index)
+
+    def vision_span(self, index: int, per_item: float) -> float:
+        return per_item
+
+    def layer_width(self, module: str) -> int:
+        if module == "vision":
+            return int(self.hf_config.vision_config.hidden_size)
+        return super().layer_width(module)
+
+    def layer_cost(self, module, index, work, params, dtype_bytes):
+        """An MoE layer's FLOPs and bytes count the experts a token is routed
+        to (top-k of E), the router and attention in full."""
+        if module == self.decoder and index in self.moe_layers:
+            t = self.hf_config.text_config
+            experts = 3 * t.hidden_size * t.moe_intermediate_size * self.num_experts
+            params = params - experts + experts * t.num_experts_per_tok // self.num_experts
+        return super().layer_cost(module, index, work, params, dtype_bytes)
+
     def active_params(self, model: nn.Module) -> int:
         """Parameters one token uses: all but the experts it is not routed to."""
         t = self.hf_config.text_config
