@@ -20,10 +20,12 @@ FAMILIES = {
     "qwen25_omni": ["plan.tokens.image=256", "plan.tokens.audio=300", "plan.tokens.video=0", "plan.tokens.text=200"],
     "qwen25_vl": ["plan.tokens.image=900", "plan.tokens.video=500", "plan.tokens.text=200"],
     "qwen2_vl": ["plan.tokens.image=900", "plan.tokens.text=200"],
+    "qwen3_omni": ["plan.tokens.image=256", "plan.tokens.audio=300", "plan.tokens.video=0", "plan.tokens.text=200"],
+    "qwen3_vl": ["plan.tokens.image=900", "plan.tokens.video=500", "plan.tokens.text=200"],
 }
 
 
-@pytest.mark.parametrize("model", ["qwen25_omni", "qwen25_vl", "qwen2_vl"])
+@pytest.mark.parametrize("model", ["qwen25_omni", "qwen25_vl", "qwen2_vl", "qwen3_omni", "qwen3_vl"])
 def test_auto_is_deterministic_and_valid_for_pp_1_to_8(model):
     family = build_family(plan.compose([f"model={model}"]).model)
     for pp in range(1, 9):
