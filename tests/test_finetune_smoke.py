@@ -17,7 +17,7 @@ from omnitrain.models.family import build_family
 STEPS, GLOBAL = 2, 4
 OPTIONS = [
     "model.trainable=sft",
-    "model.lora.llm.enabled=true", "model.lora.llm.target_modules=[q_proj,v_proj]",
+    "model.lora.llm.enabled=true", "model.lora.llm.target_modules=[q_proj,v_proj,o_proj]",  # colwise and rowwise under TP
     "train.recompute.vision=full", "train.recompute.llm=selective", "train.recompute_layers.llm=1",
     "optim.lr_mult={vision:0.5,llm:2}", "optim.scheduler.warmup_steps=0",
     "train.loss=sample_mean", "train.on_nonfinite=stop", "train.tensorboard=true",
@@ -66,6 +66,24 @@ def test_all_options_under_each_layout(tmp_path, family, layout):
     check_parity(run, ref, STEPS, f"{family} {layout}", family=fam)
     for a, b in zip([r["eval_loss"] for r in rows], ref_eval):
         assert abs(a - b) / abs(b) < 1e-5, (family, layout, rows, ref_eval)
+
+
+def test_lora_under_tensor_parallelism(tmp_path):
+    """The same options with the LLM's LoRA adapters split over TP ranks
+    (parallel/tp.py: lora_B colwise next to q_proj/v_proj, lora_A
+    replicated), against the single run above at the TP tolerances."""
+    family = "qwen2_vl"
+    small, _, kinds = FAMILIES[family]
+    if family not in _REFERENCE:
+        pytest.skip("the single-process reference of this family did not run in this session (-k)")
+    over = [f"model={family}", *small, *OPTIONS, "parallel=tp2"]
+    rows = []
+    run = run_layout(tmp_path / "tp2", over, steps=STEPS, global_batch=GLOBAL, kinds=kinds, eval_kinds=kinds[::-1], rows=rows)
+    ref, ref_eval = _REFERENCE[family]
+    assert any(".o_proj.lora_A." in k for k in run[2]) and any(".q_proj.lora_B." in k for k in run[2])
+    check_parity(run, ref, STEPS, f"{family} tp2", tensor_tol=1e-4, family=build_family(compose_cfg(over).model))
+    for a, b in zip([r["eval_loss"] for r in rows], ref_eval):
+        assert abs(a - b) / abs(b) < 1e-5, (family, rows, ref_eval)
 
 
 def _trained(fam):

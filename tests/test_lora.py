@@ -1,6 +1,6 @@
 """LoRA through PEFT (models/lora.py): only adapters (and what model.trainable
-names) train, the adapters' init does not depend on the layout, TP is refused
-(layouts: tests/test_finetune_smoke.py), and a LoRA checkpoint exports
+names) train, the adapters' init does not depend on the layout, a fused-qkv
+target under TP is refused (layouts: tests/test_finetune_smoke.py), and a LoRA checkpoint exports
 merged (from_pretrained) or as a PEFT adapter folder (PeftModel.from_pretrained),
 both with the trained model's logits."""
 
@@ -72,8 +72,9 @@ def test_lora_config_errors():
         check_finetune(bad, build_family(bad.model))  # before any process starts, on meta
     with pytest.raises(Exception, match=r"model.lora.audio: unknown module; model qwen2_vl has vision, llm"):  # (through Hydra's instantiate)
         build_family(compose_cfg(["model=qwen2_vl", "model.lora.audio.enabled=true"]).model)
-    cfg = compose_cfg([*LORA, "parallel=tp2"])
-    with pytest.raises(ConfigError, match=r"model.lora.vision.enabled=true with parallel.tp.vision=2: LoRA does not run under tensor parallelism"):
+    check_layout(compose_cfg([*LORA, "parallel=tp2"]))  # LoRA splits over colwise / rowwise shards (parallel/tp.py)
+    cfg = compose_cfg(["model=qwen2_vl", "model.lora.vision.enabled=true", "model.lora.vision.target_modules=[qkv,proj]", "parallel=tp2"])
+    with pytest.raises(ConfigError, match=r"model.lora.vision.target_modules=\['qkv', 'proj'\] adapts model.visual.blocks.\*.attn.qkv, a fused q\|k\|v layer, under parallel.tp.vision=2"):
         check_layout(cfg)
 
 

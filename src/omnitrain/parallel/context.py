@@ -118,13 +118,14 @@ def check_layout(cfg, family=None) -> list[StagePlan]:
             "raise parallel.tp.llm or set parallel.sequence_parallel=false"
         )
     check_tp_divisible(sizes.tp, family.tp_sizes())
-    lora_tp = [m for m in getattr(family, "lora", {}) if sizes.tp[m] > 1]
-    if lora_tp:  # PEFT's LoRA Linear holds plain A/B next to a DTensor-sharded base: not composed
-        m = lora_tp[0]
-        raise ConfigError(
-            f"model.lora.{m}.enabled=true with parallel.tp.{m}={sizes.tp[m]}: LoRA does not run under tensor "
-            f"parallelism; use parallel.tp.{m}=1 (pipeline and FSDP layouts work with LoRA)"
-        )
+    for m, spec in getattr(family, "lora", {}).items():
+        # LoRA splits over a colwise / rowwise base (parallel/tp.py); a fused-qkv shard has no such split
+        fused = [p for p, style in family.tp_plan.get(m, ()) if style == "colwise_fused3" and p.rsplit(".", 1)[-1] in spec.targets]
+        if sizes.tp[m] > 1 and fused:
+            raise ConfigError(
+                f"model.lora.{m}.target_modules={list(spec.targets)} adapts {fused[0]}, a fused q|k|v layer, under "
+                f"parallel.tp.{m}={sizes.tp[m]}: LoRA does not compose with its shard; drop it from target_modules or use parallel.tp.{m}=1"
+            )
     check_encoder_tp(sizes)
     if cfg.parallel.dp_mode == "fsdp" and cfg.parallel.pp.schedule == "zero_bubble":
         # FSDP reduce-scatters (and frees) a unit's grads in hooks that assume

@@ -10,6 +10,7 @@ adapter's segment code runs unchanged on local shards.
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 
 import torch
@@ -220,11 +221,12 @@ def apply_tp(model: nn.Module, adapter, module: str, tp_mesh, owned: list[str], 
             continue
         for pattern, style in entries:
             if _matches(pattern, name):
-                plan[name] = styles[style]()
+                plan[name] = (style, styles[style]())
         for pattern, attr in adapter.tp_head_attrs.get(module, ()):
             if _matches(pattern, name):
                 setattr(sub, attr, getattr(sub, attr) // t)
     modules = dict(model.named_modules())
+    plan = _lora_plan(plan, modules)
     torch_plan = {}
     for name, style in plan.items():
         if isinstance(style, FusedColwise):
@@ -234,3 +236,30 @@ def apply_tp(model: nn.Module, adapter, module: str, tp_mesh, owned: list[str], 
     if torch_plan:
         parallelize_module(model, tp_mesh, torch_plan)
     return len(plan)
+
+
+def _lora_plan(plan: dict, modules: dict) -> dict:
+    """The plan with each LoRA-wrapped target (PEFT's LoraLayer: `X.base_layer`,
+    `X.lora_A.<adapter>`, `X.lora_B.<adapter>`) split over its parts, so the
+    adapter path shards like its base and their outputs add up locally:
+    colwise X -> base and lora_B colwise, lora_A replicated (its input is; lora_B's
+    colwise input all-reduces the partial gradient flowing back into A and x);
+    rowwise X -> base and lora_A rowwise (its r outputs are all-reduced, or
+    reduce-scattered with sequence parallelism), lora_B replicated.
+    Maps name -> style object; a fused-qkv target is refused (no such split)."""
+    out = {}
+    for name, (kind, style) in plan.items():
+        mod = modules[name]
+        if not (hasattr(mod, "base_layer") and hasattr(mod, "lora_A")):
+            out[name] = style
+            continue
+        if kind not in ("colwise", "rowwise"):
+            raise ConfigError(
+                f"model.lora: {name} is a {kind} tensor-parallel layer, which LoRA does not compose with; "
+                f"leave it out of model.lora.<module>.target_modules or set that module's parallel.tp to 1"
+            )
+        out[f"{name}.base_layer"] = style
+        adapter = "lora_B" if kind == "colwise" else "lora_A"
+        for key in getattr(mod, adapter):
+            out[f"{name}.{adapter}.{key}"] = copy.deepcopy(style)  # same layouts as the base's
+    return out
