@@ -43,6 +43,7 @@ LAYOUTS = {
     "fsdp4": lambda pp: ["parallel=fsdp4"],
 }
 _REFERENCE: dict = {}
+TP_FAMILY = "qwen2_vl"  # LoRA under TP: one family (the split is the family-independent TP plan)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -50,6 +51,8 @@ _REFERENCE: dict = {}
 def test_all_options_under_each_layout(tmp_path, family, layout):
     small, pp, kinds = FAMILIES[family]
     over = [f"model={family}", *small, *OPTIONS, *LAYOUTS[layout](pp)]
+    if (family, layout) == (TP_FAMILY, "single"):
+        over.append("train.save_every=2")  # exported next to the tp2 run's checkpoint (below)
     rows = []
     run = run_layout(tmp_path / layout, over, steps=STEPS, global_batch=GLOBAL, kinds=kinds, eval_kinds=kinds[::-1], rows=rows)
     fam = build_family(compose_cfg(over).model)
@@ -58,11 +61,11 @@ def test_all_options_under_each_layout(tmp_path, family, layout):
     assert any(".lora_B." in k for k in params) and not any(fam.module_of(k) == "llm" and ".lora_" not in k and k in _trained(fam) for k in params)
     assert (tmp_path / layout / "tensorboard").is_dir()
     if layout == "single":
-        _REFERENCE[family] = (run, [r["eval_loss"] for r in rows])
+        _REFERENCE[family] = (run, [r["eval_loss"] for r in rows], tmp_path / layout)
         return
     if family not in _REFERENCE:
         pytest.skip("the single-process reference of this family did not run in this session (-k)")
-    ref, ref_eval = _REFERENCE[family]
+    ref, ref_eval, _ = _REFERENCE[family]
     check_parity(run, ref, STEPS, f"{family} {layout}", family=fam)
     for a, b in zip([r["eval_loss"] for r in rows], ref_eval):
         assert abs(a - b) / abs(b) < 1e-5, (family, layout, rows, ref_eval)
@@ -71,19 +74,34 @@ def test_all_options_under_each_layout(tmp_path, family, layout):
 def test_lora_under_tensor_parallelism(tmp_path):
     """The same options with the LLM's LoRA adapters split over TP ranks
     (parallel/tp.py: lora_B colwise next to q_proj/v_proj, lora_A
-    replicated), against the single run above at the TP tolerances."""
-    family = "qwen2_vl"
+    replicated; o_proj: lora_A rowwise, lora_B replicated), against the
+    single run above at the TP tolerances; the TP checkpoint (full tensors)
+    exports the same adapter folder and merged folder as the single one."""
+    from safetensors.torch import load_file
+
+    from omnitrain.convert.__main__ import mm_to_hf
+
+    family = TP_FAMILY
     small, _, kinds = FAMILIES[family]
     if family not in _REFERENCE:
         pytest.skip("the single-process reference of this family did not run in this session (-k)")
-    over = [f"model={family}", *small, *OPTIONS, "parallel=tp2"]
+    over = [f"model={family}", *small, *OPTIONS, "parallel=tp2", "train.save_every=2"]
     rows = []
     run = run_layout(tmp_path / "tp2", over, steps=STEPS, global_batch=GLOBAL, kinds=kinds, eval_kinds=kinds[::-1], rows=rows)
-    ref, ref_eval = _REFERENCE[family]
+    ref, ref_eval, ref_dir = _REFERENCE[family]
     assert any(".o_proj.lora_A." in k for k in run[2]) and any(".q_proj.lora_B." in k for k in run[2])
     check_parity(run, ref, STEPS, f"{family} tp2", tensor_tol=1e-4, family=build_family(compose_cfg(over).model))
     for a, b in zip([r["eval_loss"] for r in rows], ref_eval):
         assert abs(a - b) / abs(b) < 1e-5, (family, rows, ref_eval)
+    # merged only: the sft preset trains the vision merger, which an adapter folder cannot carry
+    got, want = ({k: v for f in sorted(mm_to_hf(str(d), str(tmp_path / f"{d.name}_merged"), merge_lora=True).glob("*.safetensors"))
+                  for k, v in load_file(f).items()} for d in (tmp_path / "tp2", ref_dir))
+    assert got.keys() == want.keys() and not any("lora_" in k for k in got), sorted(set(got) ^ set(want))[:4]
+    moved = 0
+    for k, v in want.items():
+        assert float((got[k] - v).norm() / v.norm().clamp_min(1e-12)) < 1e-4, k
+        moved += ".o_proj." in k or ".q_proj." in k
+    assert moved
 
 
 def _trained(fam):
