@@ -49,3 +49,33 @@ def test_eval_every_needs_eval_data(tmp_path):
 
     with pytest.raises(ConfigError, match=r"train.eval_every=5: no validation data; set data.eval"):
         validate(compose_cfg(["train.eval_every=5"]))
+
+
+def test_eval_fraction_holds_out_a_fixed_disjoint_part(tmp_path):
+    """data.eval_fraction: per dataset a seed-fixed part held out, never
+    trained on; the run validates on it and logs the loss."""
+    from data_fixtures.helpers import data_cfg
+
+    from omnitrain.data.dataset import build_index
+
+    cfg = data_cfg(dataset="mllm_demo,mllm_audio_demo", eval_fraction=0.25)
+
+    def ids(split, seed=7):
+        return [[e.index for e in ex] for ex in build_index(cfg, split, seed).examples]
+
+    full, train, held = ids(None), ids("train"), ids("eval")
+    for f, t, e in zip(full, train, held):
+        assert t and e and not set(t) & set(e) and sorted(t + e) == f, (f, t, e)
+        assert len(e) == max(1, round(len(f) * 0.25))
+    assert ids("eval") == held and ids("train") == train  # deterministic
+    assert [ids("eval", seed) for seed in range(8)] != [held] * 8  # drawn by the seed
+    with pytest.raises(ConfigError, match=r"data.eval_fraction=1.5: must be in \(0, 1\)"):
+        validate(_cfg(tmp_path / "x", ["data.eval_fraction=1.5"]))
+    with pytest.raises(ConfigError, match=r"data.eval_fraction=0.5 and data.eval=\['a'\]: .* not both"):
+        validate(_cfg(tmp_path / "y", ["data.eval_fraction=0.5", "data.eval=[a]"]))
+
+    run = tmp_path / "run"
+    cfg = _cfg(run, ["parallel=single", "data.dataset=mllm_demo", "data.eval_fraction=0.5", "train.eval_every=1", "train.eval_batches=1"], steps=1)
+    rows = launch.launch(worker, 1, cfg)
+    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["eval_loss"] > 0 and any(r.get("eval_loss") == pytest.approx(rows[0]["eval_loss"]) for r in logged)

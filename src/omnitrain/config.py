@@ -278,8 +278,19 @@ def validate(cfg) -> None:
     _need("train.loss", t.loss, t.loss in ("token_mean", "sample_mean", "sum"), "use token_mean, sample_mean or sum")
     _need("train.on_nonfinite", t.on_nonfinite, t.on_nonfinite in ("skip", "stop"), "use skip or stop")
     _need("train.eval_every", t.eval_every, t.eval_every >= 0, "must be >= 0 (0 turns validation off)")
-    if t.eval_every and not cfg.data.get("eval"):
-        raise ConfigError(f"train.eval_every={t.eval_every}: no validation data; set data.eval (datasets, like data.dataset)")
+    frac = cfg.data.get("eval_fraction")
+    if frac is not None:
+        _need("data.eval_fraction", frac, 0 < float(frac) < 1, "must be in (0, 1) (null = off)")
+        if cfg.data.get("eval"):
+            raise ConfigError(
+                f"data.eval_fraction={frac} and data.eval={cfg.data.eval}: validate on held-out samples or on "
+                "datasets, not both; unset one of them"
+            )
+    if t.eval_every and not cfg.data.get("eval") and not frac:
+        raise ConfigError(
+            f"train.eval_every={t.eval_every}: no validation data; set data.eval (datasets, like data.dataset) "
+            "or data.eval_fraction (held out of data.dataset)"
+        )
     if t.eval_batches is not None:
         _need("train.eval_batches", t.eval_batches, t.eval_batches >= 1, "must be >= 1 (null = the eval set once)")
     for key in ("lr_mult", "module_weight_decay"):

@@ -21,6 +21,10 @@ class DataConfig:
     # Validation datasets (names or json paths, like `dataset`), read with the
     # same settings; used by train.eval_every. null = no validation.
     eval: Any = None
+    # Or hold out this fraction (0 < f < 1) of each training dataset for
+    # validation: the same samples for a given train.seed (per dataset, at
+    # least one held out and one kept), never trained on. null = off.
+    eval_fraction: Optional[float] = None
     # Keep the first N samples of each dataset (LLaMA-Factory's max_samples).
     max_samples: Optional[int] = None
     # Token budget per sample; only trailing text is ever cut, never media.

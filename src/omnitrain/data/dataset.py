@@ -41,11 +41,23 @@ class Index:
         return tuple(len(e) for e in self.examples)
 
 
-def build_index(data_cfg: Any) -> Index:
+def held_out(n: int, fraction: float, seed: int, name: str) -> set:
+    """The indices (of n valid samples of dataset `name`) that data.eval_fraction
+    holds out for validation: round(n * fraction), at least 1 and at most n - 1,
+    drawn by (seed, name), so every process and every resume draws the same."""
+    import random
+
+    k = min(max(1, round(n * fraction)), n - 1)
+    return set(random.Random(f"{seed}:{name}").sample(range(n), k))
+
+
+def build_index(data_cfg: Any, split: Optional[str] = None, seed: int = 0) -> Index:
     """Parse every dataset named by `data.dataset` under `data.dataset_dir`.
 
     on_error=raise: the first bad sample raises its one-line DataError.
     on_error=skip: bad samples are dropped, counted by reason and logged.
+    `split` (train | eval) with data.eval_fraction: the kept or the held-out
+    samples of each dataset (`held_out`, by `seed`); None: all of them.
     """
     if data_cfg.on_error not in ("raise", "skip"):
         raise DataError(f"data.on_error={data_cfg.on_error!r}: use raise or skip", reason="bad_config")
@@ -74,6 +86,15 @@ def build_index(data_cfg: Any) -> Index:
                 index.invalid[e.reason] += 1
                 index.errors.append(str(e))
                 log.warning("skipping: %s", e)
+        fraction = data_cfg.get("eval_fraction")
+        if split is not None and fraction:
+            if len(good) < 2:
+                raise DataError(
+                    f"data.eval_fraction={fraction}: dataset {spec.name} has {len(good)} usable sample(s), too few to "
+                    "hold any out; use data.eval datasets instead", reason="bad_config"
+                )
+            out = held_out(len(good), float(fraction), seed, spec.name)
+            good = [e for i, e in enumerate(good) if (i in out) == (split == "eval")]
         index.examples.append(good)
     if sum(index.sizes) == 0:
         raise DataError(

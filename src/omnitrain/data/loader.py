@@ -244,13 +244,14 @@ class OmniLoader:
         }
 
 
-def build_dataset(data_cfg: Any, family, processor) -> ProcessedDataset:
-    """`family`: the model family (models/family.py): its transform, chat tokens and media."""
+def build_dataset(data_cfg: Any, family, processor, split: Optional[str] = None, seed: int = 0) -> ProcessedDataset:
+    """`family`: the model family (models/family.py): its transform, chat tokens and media.
+    `split`, `seed`: data.eval_fraction's part (dataset.build_index)."""
     ids = token_ids(processor.tokenizer, family)
     settings = Settings.from_config(data_cfg, family.hf_config)
     transform = family.transform or SampleBuilder
     builder = transform(processor, ids, settings, chat=family.chat, model_name=family.name, media_kinds=family.media_kinds())
-    index = build_index(data_cfg)
+    index = build_index(data_cfg, split, seed)
     cache = SampleCache(data_cfg.cache_dir, processor_fingerprint(processor, settings)) if data_cfg.cache_dir else None
     log.info(
         "data: %s (%s rejected: %s)%s",
@@ -272,11 +273,13 @@ def build_loader(
     global_batch_size: int,
     dp_rank: int = 0,
     dp_size: int = 1,
+    split: Optional[str] = None,
 ) -> OmniLoader:
-    """Endless micro-batches for this dp rank (see module and sampler docs)."""
+    """Endless micro-batches for this dp rank (see module and sampler docs);
+    `split` (train | eval): data.eval_fraction's part of the datasets."""
     from hydra.utils import instantiate
 
-    dataset = build_dataset(data_cfg, family, processor)
+    dataset = build_dataset(data_cfg, family, processor, split, seed)
     collator = getattr(data_cfg, "collator", None)
     max_tokens = None
     if data_cfg.get("packing", False):

@@ -135,23 +135,27 @@ class Trainer:
             global_batch_size=t.global_batch_size,
             dp_rank=self.dp_rank,
             dp_size=self.dp_size,
+            split="train",  # without the data.eval_fraction held out (if set)
         )
         return self.loader
 
     def build_eval_data(self):
         """`data.eval`: datasets (like data.dataset) read with the training data's
-        settings, in the same global-batch geometry (each dp rank its slice)."""
+        settings, in the same global-batch geometry (each dp rank its slice);
+        or `data.eval_fraction`: the samples held out of the training datasets."""
         from omegaconf import open_dict
 
         from omnitrain.data import build_loader, load_processor
 
         d = self.cfg.data.copy()
         with open_dict(d):
-            d.dataset, d.weights = d.eval, None
+            if not d.get("eval_fraction"):
+                d.dataset = d.eval
+            d.weights = None
         t = self.cfg.train
         self.eval_loader = build_loader(
             d, self.adapter, load_processor(self.cfg.model), seed=t.seed, micro_batch_size=t.micro_batch_size,
-            global_batch_size=t.global_batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size,
+            global_batch_size=t.global_batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size, split="eval",
         )
         return self.eval_loader
 
@@ -326,8 +330,8 @@ class Trainer:
         eval_every = int(cfg.get("eval_every") or 0)
         if eval_every and self.eval_loader is None:  # (config.validate: data.eval is set)
             self.build_eval_data()
-        elif not eval_every and self.cfg.data.get("eval") and self.is_logging_rank:
-            log.warning("data.eval is set but train.eval_every=0: no validation runs (set train.eval_every=N)")
+        elif not eval_every and self.is_logging_rank and (self.cfg.data.get("eval") or self.cfg.data.get("eval_fraction")):
+            log.warning("data.eval / data.eval_fraction is set but train.eval_every=0: no validation runs (set train.eval_every=N)")
         self.maybe_resume(run_dir)
         it = iter(self.loader)
         logger = MetricsLogger(
