@@ -17,7 +17,7 @@ from omnitrain.models.family import build_family
 from omnitrain.parallel.context import check_layout
 from omnitrain.parallel.layout import whole_plan
 from omnitrain.train.worker import worker
-from test_resume import SMALL, _cfg, _loader
+from test_resume import SMALL, _cfg, _loader, _run
 
 LORA = ["model.lora.llm.enabled=true", "model.lora.llm.target_modules=[q_proj,v_proj]", "model.lora.llm.r=4",
         "model.lora.vision.enabled=true", "model.lora.vision.alpha=8",
@@ -76,6 +76,19 @@ def test_lora_config_errors():
     cfg = compose_cfg(["model=qwen2_vl", "model.lora.vision.enabled=true", "model.lora.vision.target_modules=[qkv,proj]", "parallel=tp2"])
     with pytest.raises(ConfigError, match=r"model.lora.vision.target_modules=\['qkv', 'proj'\] adapts model.visual.blocks.\*.attn.qkv, a fused q\|k\|v layer, under parallel.tp.vision=2"):
         check_layout(cfg)
+
+
+def test_lora_resume_equals_a_straight_run(tmp_path):
+    """A LoRA checkpoint (adapters, the trained merger, their optimizer state;
+    the frozen base from the seed) resumes bit for bit: 2 steps + resume to 3
+    equals 3 steps straight."""
+    over = ["parallel=single", "optim.scheduler.warmup_steps=0", *LORA]
+    ref_losses, ref_params = _run(tmp_path / "straight", [*over, "train.save_every=2"], steps=3)
+    assert (tmp_path / "straight" / "checkpoints" / "step_2").is_dir()
+    losses, params = _run(tmp_path / "resumed", [*over, f"train.resume={tmp_path}/straight/checkpoints/step_2"], steps=3)
+    assert losses == {3: ref_losses[3]} and ref_losses[3] != ref_losses[2]
+    assert params.keys() == ref_params.keys() and any(".lora_B." in k for k in params)
+    assert all(torch.equal(params[k], ref_params[k]) for k in params)
 
 
 # Parity with LoRA on (pp4_hetero and fsdp4 vs single, every family, adapters
