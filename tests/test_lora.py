@@ -73,6 +73,8 @@ def test_lora_config_errors():
     with pytest.raises(Exception, match=r"model.lora.audio: unknown module; model qwen2_vl has vision, llm"):  # (through Hydra's instantiate)
         build_family(compose_cfg(["model=qwen2_vl", "model.lora.audio.enabled=true"]).model)
     check_layout(compose_cfg([*LORA, "parallel=tp2"]))  # LoRA splits over colwise / rowwise shards (parallel/tp.py)
+    with pytest.raises(ConfigError, match=r"model.lora.llm.enabled=true with parallel.sequence_parallel=true: LoRA is not composed"):
+        check_layout(compose_cfg([*LORA, "parallel=tp2", "parallel.sequence_parallel=true"]))
     cfg = compose_cfg(["model=qwen2_vl", "model.lora.vision.enabled=true", "model.lora.vision.target_modules=[qkv,proj]", "parallel=tp2"])
     with pytest.raises(ConfigError, match=r"model.lora.vision.target_modules=\['qkv', 'proj'\] adapts model.visual.blocks.\*.attn.qkv, a fused q\|k\|v layer, under parallel.tp.vision=2"):
         check_layout(cfg)

@@ -118,6 +118,12 @@ def check_layout(cfg, family=None) -> list[StagePlan]:
             "raise parallel.tp.llm or set parallel.sequence_parallel=false"
         )
     check_tp_divisible(sizes.tp, family.tp_sizes())
+    if cfg.parallel.sequence_parallel and LLM in getattr(family, "lora", {}):
+        # the rowwise targets' lora_B would run on sequence shards: its grad is not yet reduced over them
+        raise ConfigError(
+            "model.lora.llm.enabled=true with parallel.sequence_parallel=true: LoRA is not composed with sequence "
+            "parallelism yet; set parallel.sequence_parallel=false (tensor parallelism alone works with LoRA)"
+        )
     for m, spec in getattr(family, "lora", {}).items():
         # LoRA splits over a colwise / rowwise base (parallel/tp.py); a fused-qkv shard has no such split
         fused = [p for p, style in family.tp_plan.get(m, ()) if style == "colwise_fused3" and p.rsplit(".", 1)[-1] in spec.targets]
