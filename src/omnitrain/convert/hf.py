@@ -108,6 +108,34 @@ def _listing(names: list[str], n: int = 8) -> str:
     return ", ".join(names[:n]) + more
 
 
+def _fit_problems(family, folder: Path, available: dict, state: dict, expected: set, check: list, against: str) -> list[str]:
+    """What keeps a folder's tensors from fitting `state`: names missing from
+    `expected`, names the model lacks, and the shapes of `check` (in that
+    order) read from the files' headers."""
+    from safetensors import safe_open
+
+    problems = []
+    missing = sorted(expected - set(available))
+    unexpected = sorted(set(available) - set(state))
+    if missing:
+        problems.append(f"{len(missing)} missing: {_listing([family.to_hf_name(k) for k in missing])}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected: {_listing([available[k][1] for k in unexpected])}")
+    by_file: dict[str, list[str]] = {}
+    for k in check:
+        by_file.setdefault(available[k][0], []).append(k)
+    shapes = []
+    for file, names in by_file.items():
+        with safe_open(folder / file, "pt") as f:
+            for k in names:
+                shape = tuple(f.get_slice(available[k][1]).get_shape())
+                if shape != tuple(state[k].shape):
+                    shapes.append(f"{available[k][1]} {shape} vs {against} {tuple(state[k].shape)}")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches: {_listing(shapes, 4)}")
+    return problems
+
+
 def load_hf_weights(family, model: nn.Module, folder: str | Path) -> int:
     """Copy an HF folder's tensors into the materialized (non-meta) entries of
     `model`'s state dict, reading only those; returns how many were loaded.
@@ -122,28 +150,13 @@ def load_hf_weights(family, model: nn.Module, folder: str | Path) -> int:
     available = model_tensors(family, folder)
     state = model.state_dict()
     expected = set(state) - set(tied_keys(model))
-    missing = sorted(expected - set(available))
-    unexpected = sorted(set(available) - set(state))
     owned = {k: v for k, v in state.items() if not v.is_meta and k in available}
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing: {_listing([family.to_hf_name(k) for k in missing])}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected: {_listing([available[k][1] for k in unexpected])}")
+    problems = _fit_problems(family, folder, available, state, expected, list(owned), "model")
+    if problems:
+        raise HFFormatError(f"model.init_from={folder} does not fit model {family.name}: " + "; ".join(problems))
     by_file: dict[str, list[str]] = {}
     for k in owned:
         by_file.setdefault(available[k][0], []).append(k)
-    shapes = []
-    for file, names in by_file.items():
-        with safe_open(folder / file, "pt") as f:
-            for k in names:
-                shape = tuple(f.get_slice(available[k][1]).get_shape())
-                if shape != tuple(owned[k].shape):
-                    shapes.append(f"{available[k][1]} {shape} vs model {tuple(owned[k].shape)}")
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatches: {_listing(shapes, 4)}")
-    if problems:
-        raise HFFormatError(f"model.init_from={folder} does not fit model {family.name}: " + "; ".join(problems))
     with torch.no_grad():
         for file, names in by_file.items():
             with safe_open(folder / file, "pt") as f:
@@ -166,28 +179,11 @@ def check_folder(family, model: nn.Module, folder: str | Path) -> dict[str, tupl
     folder with its shape, and the folder holds nothing else of the trained
     model; reads only the files' headers. Returns `model_tensors`. Raises one
     HFFormatError listing what is missing, unexpected or of another shape."""
-    from safetensors import safe_open
-
     folder = Path(folder)
     available = model_tensors(family, folder)
     state = model.state_dict()
     expected = set(state) - set(tied_keys(model))
-    missing = sorted(expected - set(available))
-    unexpected = sorted(set(available) - set(state))
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing: {_listing([family.to_hf_name(k) for k in missing])}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected: {_listing([available[k][1] for k in unexpected])}")
-    shapes = []
-    for file, names in _by_file(available, expected & set(available)).items():
-        with safe_open(folder / file, "pt") as f:
-            for k in names:
-                shape = tuple(f.get_slice(available[k][1]).get_shape())
-                if shape != tuple(state[k].shape):
-                    shapes.append(f"{available[k][1]} {shape} vs config {tuple(state[k].shape)}")
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatches: {_listing(shapes, 4)}")
+    problems = _fit_problems(family, folder, available, state, expected, sorted(expected & set(available)), "config")
     if problems:
         raise HFFormatError(f"{folder} does not fit model {family.name} (its tensors vs the config): " + "; ".join(problems))
     return available
