@@ -108,7 +108,11 @@ def check_parity(run, reference, steps: int, name: str, tol: float = 1e-5, tenso
         ref_flat = torch.cat([ref_params[k].reshape(-1) for k in keys])
         diffs[group] = rel(flat, ref_flat)
         assert diffs[group] < tol, (name, group, diffs[group])
-    worst = max((rel(params[k], ref_params[k]), k) for k in ref_params)
+    # A tensor the reference leaves at ~0 norm has an analytically zero gradient
+    # (Qwen3 AuT's key biases: a shared shift of all keys leaves softmax
+    # unchanged), so it holds only rounding (~1e-11) that another summation
+    # order makes differently: compared against a 1e-5 norm floor instead.
+    worst = max((float((params[k] - ref_params[k]).norm() / ref_params[k].norm().clamp_min(1e-5)), k) for k in ref_params)
     diffs["worst_tensor"] = worst
     assert worst[0] < tensor_tol, (name, worst)
     return diffs
