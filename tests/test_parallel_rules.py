@@ -133,7 +133,3 @@ def test_fsdp_over_a_fused_qkv_tp_shard_is_refused():
 def test_ep_rules(overrides, match):
     with pytest.raises(ConfigError, match=match):
         _check("train.global_batch_size=12", *overrides)
-
-
-def test_ep_preset_passes_its_rules():
-    check_layout(compose_cfg(["model=qwen3_omni_30b_a3b", "parallel=omni30b_pp2_ep8", "train.global_batch_size=16"]))
