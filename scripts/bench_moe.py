@@ -6,7 +6,11 @@ MoE experts block, from one run: transformers' experts implementations
 none for the device / dtype) on the tiny qwen3_omni layer and on one
 Qwen3-Omni-30B-A3B-shaped layer (128 experts of 768, top-8, hidden 2048).
 
-    python scripts/bench_moe.py [--tokens 512] [--repeat 3]
+    python scripts/bench_moe.py [--tokens 512] [--repeat 3] [--tokens-30b 64] [--repeat-30b 1]
+
+The 30B-shaped layer holds 604 M expert weights (2.4 GB fp32, as much again
+for grads): its default is 64 tokens (512 routed rows, ~4 per expert), one
+timed run after the warm-up, so it takes seconds on a laptop CPU.
 """
 
 from __future__ import annotations
@@ -46,19 +50,24 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--tokens-30b", type=int, default=64)
+    ap.add_argument("--repeat-30b", type=int, default=1)
     args = ap.parse_args()
-    shapes = {"tiny qwen3_omni (E8 k2 H64 I32)": (64, 32, 8, 2), "30B-A3B layer (E128 k8 H2048 I768)": (2048, 768, 128, 8)}
-    for name, (h, i, e, k) in shapes.items():
+    shapes = {
+        "tiny qwen3_omni (E8 k2 H64 I32)": ((64, 32, 8, 2), args.tokens, args.repeat),
+        "30B-A3B layer (E128 k8 H2048 I768)": ((2048, 768, 128, 8), args.tokens_30b, args.repeat_30b),
+    }
+    for name, ((h, i, e, k), tokens, repeat) in shapes.items():
         times = {}
         outs = {}
         for impl in ("eager", "grouped_mm"):
-            block, x = make(h, i, e, k, args.tokens, impl)
+            block, x = make(h, i, e, k, tokens, impl)
             with torch.no_grad():
                 outs[impl] = block(x)
-            times[impl] = time_block(block, x, args.repeat)
+            times[impl] = time_block(block, x, repeat)
             del block
         diff = float((outs["eager"] - outs["grouped_mm"]).abs().max())
-        print(f"{name}, {args.tokens} tokens: loop {times['eager'] * 1e3:.1f} ms, grouped {times['grouped_mm'] * 1e3:.1f} ms, "
+        print(f"{name}, {tokens} tokens: loop {times['eager'] * 1e3:.1f} ms, grouped {times['grouped_mm'] * 1e3:.1f} ms, "
               f"loop/grouped {times['eager'] / times['grouped_mm']:.2f}x (max |diff| {diff:.1e})")
 
 

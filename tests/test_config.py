@@ -33,6 +33,7 @@ WITH = {
     "pp4_auto": ["plan.tokens.image=16", "plan.tokens.audio=50", "plan.tokens.text=60"],
     "auto": ["plan.world_size=4", "plan.tokens.image=16", "plan.tokens.audio=50", "plan.tokens.text=60"],
     "omni30b_pp2_fsdp8": ["model=qwen3_omni_30b_a3b", "train.global_batch_size=16"],
+    "omni30b_pp2_ep8": ["model=qwen3_omni_30b_a3b", "train.global_batch_size=16"],
 }
 
 

@@ -117,3 +117,19 @@ def test_fsdp_over_a_fused_qkv_tp_shard_is_refused():
     with pytest.raises(ConfigError, match=r"parallel.dp_mode=fsdp with parallel.tp.vision=2: model=qwen25_vl's vision module fuses q\|k\|v"):
         _check("model=qwen25_vl", "parallel=tp2", "parallel.dp=2", "parallel.dp_mode=fsdp")
     _check("model=qwen25_vl", "parallel=tp2", "parallel.tp={vision: 1, llm: 2}", "parallel.dp=2", "parallel.dp_mode=fsdp")
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        # the default model (Qwen2.5-Omni) has dense MLPs only
+        (["parallel=dp2", "parallel.ep.llm=2"], r"parallel.ep.llm=2: model=\S+ has no mixture-of-experts layers"),
+        (["model=qwen3_omni", "parallel=dp2", "parallel.ep.llm=3", "parallel.dp=3"], r"parallel.ep.llm=3 does not divide model=qwen3_omni's 8 experts"),
+        (["model=qwen3_omni", "parallel=dp2", "parallel.ep.llm=4"], r"parallel.ep.llm=4: expert parallelism uses the LLM's data-parallel ranks, and 4 does not divide its 2"),
+        (["model=qwen3_omni", "parallel=dp2", "parallel.ep.llm=2", "parallel.dp_mode=fsdp"], r"parallel.ep.llm=2 with parallel.dp_mode=fsdp is not implemented"),
+        (["model=qwen3_omni", "parallel.ep.llm=0"], r"parallel.ep.llm=0: must be >= 1"),
+    ],
+)
+def test_ep_rules(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        _check("train.global_batch_size=12", *overrides)

@@ -50,10 +50,34 @@ OMNI_PP2 = ["parallel=pp2", "parallel.pp.layers={vision:[27,0],audio:[32,0],llm:
 VL_PP2 = ["parallel=vl7b_pp2", "parallel.pp.layers={vision:[27,0],llm:[2,34]}"]
 
 
-def test_qwen3_omni_pp2_deepstack_across_the_cut(tmp):
+@pytest.fixture(scope="module")
+def omni_ref(tmp):
+    """The one single-process Omni reference every Omni layout is checked against."""
     ref = _run(tmp, "qwen3_omni", "single", ["parallel=single", *OMNI], _synth.KINDS_Q3_OMNI)
     assert ref[1] and "moe_aux" in ref[1][0], ref[1][:1]
-    _check(_run(tmp, "qwen3_omni", "pp2", [*OMNI_PP2, *OMNI], _synth.KINDS_Q3_OMNI), ref, "pp2", "qwen3_omni")
+    return ref
+
+
+def test_qwen3_omni_pp2_deepstack_across_the_cut(tmp, omni_ref):
+    _check(_run(tmp, "qwen3_omni", "pp2", [*OMNI_PP2, *OMNI], _synth.KINDS_Q3_OMNI), omni_ref, "pp2", "qwen3_omni")
+
+
+def test_qwen3_omni_ep2_and_resume_single(tmp, omni_ref):
+    """dp2 x ep2: each rank holds 4 of the 8 experts of every MoE layer and
+    routes its tokens to the other by all-to-all; then its step-2 DCP
+    checkpoint (experts saved as shards) resumes single-process for step 3."""
+    ep2 = _run(tmp, "qwen3_omni", "ep2", ["parallel=dp2", "parallel.ep.llm=2", "train.save_every=2", *OMNI], _synth.KINDS_Q3_OMNI)
+    _check(ep2, omni_ref, "ep2", "qwen3_omni")
+    out = tmp / "ep2_resume"
+    losses, _, params = run_layout(
+        out, ["model=qwen3_omni", "parallel=single", f"train.resume={tmp / 'ep2'}/checkpoints/step_2", *OMNI],
+        steps=STEPS, global_batch=GLOBAL, micro=MICRO, kinds=_synth.KINDS_Q3_OMNI,
+    )
+    ref_losses, _, ref_params = omni_ref[0]
+    assert len(losses) == 1 and abs(losses[0] - ref_losses[-1]) <= 1e-5 * abs(ref_losses[-1]), (losses, ref_losses)
+    worst = max((float((params[k] - ref_params[k]).norm() / ref_params[k].norm().clamp_min(1e-5)), k) for k in ref_params)  # as check_parity
+    assert params.keys() == ref_params.keys() and worst[0] < 1e-5, worst
+    print(f"\nqwen3_omni ep2 -> single resume: step-3 loss {abs(losses[0] - ref_losses[-1]) / abs(ref_losses[-1]):.1e}, worst tensor {worst[0]:.1e} ({worst[1]})")
 
 
 def test_qwen3_vl_pp2_and_tp2(tmp):

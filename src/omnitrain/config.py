@@ -87,6 +87,13 @@ class FSDPConfig:  # [parallel] options of parallel.dp_mode=fsdp
 
 
 @dataclass
+class EPConfig:  # [parallel] expert parallelism, per module with experts
+    # Experts of each MoE layer split over this many of the LLM's data-parallel
+    # ranks (tokens routed by all-to-all; parallel/ep.py); 1 = every rank holds all.
+    llm: int = 1
+
+
+@dataclass
 class ParallelConfig:
     name: str = "single"
     pp: PPConfig = field(default_factory=PPConfig)
@@ -96,6 +103,7 @@ class ParallelConfig:
     dp: Any = "auto"  # auto | int
     dp_mode: str = "replicate"  # replicate | fsdp
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    ep: EPConfig = field(default_factory=EPConfig)
     # Shard the LLM's norms and residual stream over its TP ranks along the
     # sequence (Megatron's sequence parallelism); needs parallel.tp.llm > 1.
     sequence_parallel: bool = False

@@ -131,6 +131,9 @@ class ModelFamily:
     # sequence parallelism seq_norm, seq_gather, seq_gather_kw.
     tp_plan: Mapping[str, tuple] = {}
     sp_plan: Mapping[str, tuple] = {}
+    # [parallel] fnmatch pattern of the LLM's experts modules (HF's fused
+    # gate_up_proj / down_proj) that parallel.ep shards; None: no experts.
+    experts: str | None = None
     # Head-count attributes HF's attention reshapes by: divided by the TP size.
     tp_head_attrs: Mapping[str, tuple] = {}
     # State-dict adapter: (in-memory prefix, file prefix) as save_pretrained writes them.
@@ -502,6 +505,11 @@ class ModelFamily:
     def part_work(self, module: str, part: str, load: Mapping[str, float]) -> Work:
         """Tokens through `module`'s pre or post part for one sample."""
         raise NotImplementedError
+
+    def expert_params(self, module: str, index: int) -> int:
+        """[planner hook] Parameters of layer `index`'s routed experts (what
+        parallel.ep splits); 0 for a dense layer."""
+        return 0
 
     def layer_cost(self, module: str, index: int, work: Work, params: int, dtype_bytes: int) -> Cost:
         """Forward cost of one layer. Dense default: 2 FLOPs per weight per

@@ -23,8 +23,9 @@ from omegaconf import open_dict
 
 from omnitrain import device
 from omnitrain.config import ConfigError, validate
+from omnitrain.parallel.ep import is_expert_param
 from omnitrain.parallel.layout import StagePlan, validate_layout
-from omnitrain.parallel.mesh import LLM, Sizes, build_mesh, build_part_mesh
+from omnitrain.parallel.mesh import LLM, Sizes, build_ep_mesh, build_mesh, build_part_mesh
 from omnitrain.parallel.tp import check_divisible as check_tp_divisible
 
 DP_MODES = ("replicate", "fsdp")
@@ -59,6 +60,37 @@ def encoder_micro_multiple(sizes: Sizes) -> int:
         d = sizes.dp_of(m)
         need = math.lcm(need, d // math.gcd(d, llm_dp))
     return need
+
+
+def check_ep(cfg, family, sizes: Sizes) -> int:
+    """`parallel.ep.llm`: it must divide the LLM's experts and its dp ranks
+    (EP borrows them), and the experts cannot also be FSDP-sharded (not
+    implemented: FSDP would need a 2-D (edp, ep) mesh for them)."""
+    ep = int(cfg.parallel.ep.llm)
+    if ep < 1:
+        raise ConfigError(f"parallel.ep.llm={ep}: must be >= 1")
+    if ep == 1:
+        return ep
+    n = int(getattr(family, "num_experts", 0) or 0)
+    if not getattr(family, "experts", None) or not n:
+        raise ConfigError(f"parallel.ep.llm={ep}: model={cfg.model.name} has no mixture-of-experts layers; use parallel.ep.llm=1")
+    if n % ep:
+        works = [d for d in range(2, n + 1) if n % d == 0 and sizes.dp_of(LLM) % d == 0]
+        raise ConfigError(
+            f"parallel.ep.llm={ep} does not divide model={cfg.model.name}'s {n} experts per MoE layer; "
+            f"sizes that divide both the experts and the LLM's {sizes.dp_of(LLM)} dp ranks: {works or 'none'}"
+        )
+    if sizes.dp_of(LLM) % ep:
+        raise ConfigError(
+            f"parallel.ep.llm={ep}: expert parallelism uses the LLM's data-parallel ranks, and {ep} does not divide "
+            f"its {sizes.dp_of(LLM)} (parallel.dp); raise parallel.dp to a multiple of {ep} or lower parallel.ep.llm"
+        )
+    if cfg.parallel.dp_mode == "fsdp":
+        raise ConfigError(
+            f"parallel.ep.llm={ep} with parallel.dp_mode=fsdp is not implemented (the experts would need FSDP over "
+            "the ranks holding the same experts only); use parallel.dp_mode=replicate"
+        )
+    return ep
 
 
 def num_microbatches(cfg, dp: int) -> int:
@@ -133,6 +165,7 @@ def check_layout(cfg, family=None) -> list[StagePlan]:
                 f"parallel.tp.{m}={sizes.tp[m]}: LoRA does not compose with its shard; drop it from target_modules or use parallel.tp.{m}=1"
             )
     check_encoder_tp(sizes)
+    check_ep(cfg, family, sizes)
     if cfg.parallel.dp_mode == "fsdp" and cfg.parallel.pp.schedule == "zero_bubble":
         # FSDP reduce-scatters (and frees) a unit's grads in hooks that assume
         # one backward per forward; a split backward would reduce before W.
@@ -212,6 +245,14 @@ class ModuleMesh:
     parts: int = 1
     part: int = 0
     part_group: object = None
+    ep_mesh: object = None  # ("pp", "edp", "ep", "tp") where parallel.ep > 1 (the LLM's)
+    edp_rank: int = 0
+    edp_size: int = 1
+
+    @property
+    def edp_group(self):
+        """The ranks that hold the same experts: expert grads are summed over them."""
+        return self.ep_mesh["edp"].get_group()
 
     @property
     def dp_group(self):
@@ -273,6 +314,10 @@ class ParallelContext:
                 mm.part_group = meshes[t, "part"]["part"].get_group()
             modules[m] = mm
         llm = modules[LLM]
+        ep = int(cfg.parallel.ep.llm)
+        if ep > 1:  # built after the others, in the same order on every rank
+            llm.ep_mesh = build_ep_mesh(dev_type, sizes, ep)
+            llm.edp_rank, llm.edp_size = llm.dp_rank // ep, llm.dp_size // ep
         pp_mesh = llm.mesh["pp"]
         mine = [s for s in plans if s.rank == pp_rank]
         return cls(
@@ -298,6 +343,10 @@ class ParallelContext:
         for m, mm in self.modules.items():
             if mm.tp_size > 1:
                 apply_tp(model, adapter, m, mm.mesh["tp"], per_module[m], sequence_parallel=self.sequence_parallel and m == LLM)
+            if mm.ep_mesh is not None:
+                from omnitrain.parallel.ep import apply_ep
+
+                apply_ep(model, adapter.experts, per_module[m], mm.ep_mesh["ep"])
         if self.dp_mode == "fsdp":
             dev = next((p.device for p in model.parameters() if not p.is_meta), None)
             for m, mm in self.modules.items():
@@ -385,16 +434,10 @@ class ParallelContext:
             if mm.dp_size == 1:
                 continue
             grads = [p.grad for mod, p in module_params if mod == m and p.grad is not None and not self._dp_sharded(p.grad)]
-            if not grads:
-                continue
-            local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-            # One flat buffer per module: one collective instead of one per parameter.
-            flat = torch.cat([g.reshape(-1) for g in local])
-            dist.all_reduce(flat, group=mm.dp_group)
-            offset = 0
-            for g in local:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
+            dense = [g for g in grads if not is_expert_param(g)]
+            _all_reduce_flat(dense, mm.dp_group)
+            if mm.edp_size > 1:  # an expert shard's replicas: the ranks with the same ep_rank
+                _all_reduce_flat([g for g in grads if is_expert_param(g)], mm.edp_group)
 
     def clip_grad_norm(self, module_params, max_norm: float) -> torch.Tensor:
         """Global grad norm over every shard (pp stages, TP and FSDP shards), then
@@ -414,6 +457,8 @@ class ParallelContext:
         for m, g in pairs:
             mm = self.modules[m]
             coord = {"dp": mm.dp_rank, "tp": mm.tp_rank}
+            if is_expert_param(g):  # replicated only over the edp ranks (and TP)
+                coord = {"edp": mm.edp_rank, "tp": mm.tp_rank}
             sharded = set()
             if isinstance(g, DTensor):
                 names = g.device_mesh.mesh_dim_names or ()
@@ -499,6 +544,20 @@ class ParallelContext:
                 else:
                     p2p.send_bundle(out, (self.pp_rank + 1) % self.pp_size, group=self.pp_group, key=(i, s, 0), device=trainer.dev)
         return loss
+
+
+def _all_reduce_flat(grads, group) -> None:
+    """Sum `grads` (local tensors or DTensors' local shards) over `group` in
+    one flat buffer: one collective instead of one per parameter."""
+    if not grads:
+        return
+    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+    flat = torch.cat([g.reshape(-1) for g in local])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for g in local:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 class _Stage:

@@ -101,3 +101,14 @@ def build_part_mesh(device_type: str, sizes: Sizes, tp: int):
     t_llm = sizes.tp[LLM]
     shape = (sizes.pp, sizes.width // t_llm, t_llm // tp, tp)
     return init_device_mesh(device_type, shape, mesh_dim_names=("pp", "dp", "part", "tp"))
+
+
+def build_ep_mesh(device_type: str, sizes: Sizes, ep: int):
+    """(pp, edp, ep, tp) for expert parallelism over the LLM's dp ranks: "ep"
+    joins the ranks that split one MoE layer's experts (consecutive dp ranks),
+    "edp" those holding the same experts (parallel/ep.py)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    t_llm = sizes.tp[LLM]
+    dp = sizes.width // t_llm
+    return init_device_mesh(device_type, (sizes.pp, dp // ep, ep, t_llm), mesh_dim_names=("pp", "edp", "ep", "tp"))

@@ -108,11 +108,14 @@ def stage_params(family, model: nn.Module, plans: Iterable) -> list[int]:
     return out
 
 
-def rank_params(family, model: nn.Module, plans: Iterable, tp: Mapping[str, int], fsdp: Mapping[str, int] | None = None) -> list[float]:
+def rank_params(family, model: nn.Module, plans: Iterable, tp: Mapping[str, int], fsdp: Mapping[str, int] | None = None, ep: int = 1) -> list[float]:
     """Parameters one rank of each stage holds after TP (and FSDP) sharding: a
     tensor its module's TP plan shards counts 1/tp, the rest (norms, biases of
     row-parallel layers, patch embeddings) whole; under FSDP everything is
-    divided by the module's dp size `fsdp[module]`."""
+    divided by the module's dp size `fsdp[module]`; the family's experts
+    (`family.experts`, parallel.ep) count 1/ep."""
+    import fnmatch
+
     from omnitrain.parallel.tp import _matches
 
     plans = list(plans)
@@ -127,6 +130,8 @@ def rank_params(family, model: nn.Module, plans: Iterable, tp: Mapping[str, int]
         rowwise = any(_matches(pat, fqn) and style == "rowwise" for pat, style in family.tp_plan.get(module, ()))
         n = p.numel() / tp.get(module, 1) if sharded and not (rowwise and leaf == "bias") else p.numel()
         n /= (fsdp or {}).get(module, 1)
+        if ep > 1 and family.experts and fnmatch.fnmatchcase(fqn, family.experts):
+            n /= ep
         for s, plan in enumerate(plans):
             if _owns(plan, *owner):
                 out[s] += n
@@ -240,11 +245,13 @@ def report(cfg) -> str:
     else:
         fsdp = {m: sizes.dp_of(m) for m in sizes.tp} if cfg.parallel.dp_mode == "fsdp" else None
         tp = ", ".join(f"{m} {t}" for m, t in sizes.tp.items())
-        parts += ["", f"parallel={cfg.parallel.name}: pp {sizes.pp}, dp {sizes.dp} ({cfg.parallel.dp_mode}), tp {tp}; {sizes.world} ranks"]
-        parts += [stage_table(plans, stage_params(family, model, plans), rank_params(family, model, plans, sizes.tp, fsdp))]
+        ep = int(cfg.parallel.ep.llm)
+        ep_text = f", ep llm {ep} (expert-dp {sizes.dp_of(family.decoder) // ep})" if ep > 1 else ""
+        parts += ["", f"parallel={cfg.parallel.name}: pp {sizes.pp}, dp {sizes.dp} ({cfg.parallel.dp_mode}), tp {tp}{ep_text}; {sizes.world} ranks"]
+        parts += [stage_table(plans, stage_params(family, model, plans), rank_params(family, model, plans, sizes.tp, fsdp, ep))]
         parts += [
             f"* {BYTES_PER_PARAM_TRAIN} B/param (fp32 weight, grad, AdamW moments) after TP"
-            + (" and FSDP" if fsdp else "") + " sharding, on one rank of the stage; activations not included"
+            + (" and FSDP" if fsdp else "") + (" and EP" if ep > 1 else "") + " sharding, on one rank of the stage; activations not included"
         ] + ([note] if note else [])
         if auto_line:
             parts += ["", auto_line]

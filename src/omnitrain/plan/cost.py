@@ -224,8 +224,9 @@ class CostModel:
     of `micro` samples of `load`, under TP sizes `tp` (and FSDP over `fsdp` replicas)."""
 
     def __init__(self, family, segs: list[Segment], load: Load, *, micro: int, dtype_bytes: int, time_model,
-                 tp: Mapping[str, int] | None = None, fsdp: Mapping[str, int] | None = None):
+                 tp: Mapping[str, int] | None = None, fsdp: Mapping[str, int] | None = None, ep: int = 1):
         self.family, self.segs, self.load, self.micro = family, segs, load, micro
+        self.ep = int(ep)  # parallel.ep.llm: a rank holds 1/ep of each MoE layer's experts
         self.time_model = time_model
         self.tp = {m: 1 for m in family.module_names} | dict(tp or {})
         self.fsdp = dict(fsdp or {})
@@ -276,7 +277,8 @@ class CostModel:
         self.flops[k] = 3 * cost.flops
         # activations are sharded by TP inside the layer; the residual stream is not (no sequence parallelism)
         self.act[k] = cost.act / t if s.part == "layer" else cost.act / (t if s.module == f.decoder and s.part == "post" else 1)
-        per_rank = (s.params - s.sharded) + s.sharded / t
+        experts = f.expert_params(s.module, s.index) if s.part == "layer" else 0  # replicated over TP, split by EP
+        per_rank = (s.params - s.sharded - experts) + s.sharded / t + experts / self.ep
         self.state[k] = per_rank * BYTES_STATE / self.fsdp.get(s.module, 1)
 
     # ---- per stage ----------------------------------------------------------

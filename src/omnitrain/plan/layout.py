@@ -57,7 +57,7 @@ def cost_model(cfg, family, sizes, load, tm, micro: int | None = None) -> cost.C
     fsdp = {m: sizes.dp_of(m) for m in sizes.tp} if cfg.parallel.dp_mode == "fsdp" else None
     return cost.CostModel(
         family, segments_for(cfg), load, micro=micro or cfg.train.micro_batch_size, dtype_bytes=cost.dtype_bytes(cfg),
-        time_model=tm, tp=sizes.tp, fsdp=fsdp,
+        time_model=tm, tp=sizes.tp, fsdp=fsdp, ep=int(cfg.parallel.ep.llm),
     )
 
 
@@ -153,6 +153,7 @@ def _auto_parallel(cfg, family, load, tm) -> str:
                     cm = cost.CostModel(
                         family, segments_for(cfg), load, micro=micro, dtype_bytes=cost.dtype_bytes(cfg), time_model=tm, tp=tp,
                         fsdp={k: sizes.dp_of(k) for k in tp} if cfg.parallel.dp_mode == "fsdp" else None,
+                        ep=int(cfg.parallel.ep.llm) if sizes.dp_of(family.decoder) % int(cfg.parallel.ep.llm) == 0 else 1,
                     )
                     split = search.best_split(cm, pp, schedule=schedule, m=m, memory_cap=cap) if pp > 1 else {k: [d] for k, d in family.depths.items()}
                     if split is None:

@@ -66,6 +66,7 @@ class DeepStack:
     sparse MLPs (`model.moe.aux_loss_coef`)."""
 
     moe_options = ("aux_loss_coef",)
+    experts = "model.language_model.layers.*.mlp.experts"  # parallel.ep shards them (parallel/ep.py)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -278,6 +279,12 @@ class DeepStack:
         if module == "vision":
             return int(self.hf_config.vision_config.hidden_size)
         return super().layer_width(module)
+
+    def expert_params(self, module: str, index: int) -> int:
+        if module != self.decoder or index not in self.moe_layers:
+            return 0
+        t = self.hf_config.text_config
+        return 3 * t.hidden_size * t.moe_intermediate_size * self.num_experts
 
     def layer_cost(self, module, index, work, params, dtype_bytes):
         """An MoE layer's FLOPs and bytes count the experts a token is routed
