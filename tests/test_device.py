@@ -43,3 +43,27 @@ def test_rng_state_round_trip():
     a = torch.rand(3)
     device.set_rng_state(dev, state)
     assert torch.equal(a, torch.rand(3))
+
+
+def test_compute_clock_counts_compute_not_waiting():
+    """Stage times on CPU (one thread per worker) are the thread's CPU time: a
+    worker waiting for a core, or sleeping, does not advance it."""
+    import time
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        clock = device.compute_clock(torch.device("cpu"))
+        t0 = clock()
+        time.sleep(0.2)
+        slept = clock() - t0
+        a = torch.randn(256, 256)
+        t0 = clock()
+        for _ in range(50):
+            a = torch.tanh(a @ a)
+        worked = clock() - t0
+        assert slept < 0.05 and worked > 0, (slept, worked)
+        torch.set_num_threads(2)
+        assert device.compute_clock(torch.device("cpu")) is time.perf_counter  # threads in a pool: wall time
+    finally:
+        torch.set_num_threads(before)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,18 @@ def synchronize(dev: torch.device | DeviceInfo) -> None:
     mod = _module(dev)
     if mod is not None:
         mod.synchronize()
+
+
+def compute_clock(dev: torch.device | DeviceInfo):
+    """The clock that times a stage's compute. On CPU with one intra-op thread
+    it is the calling thread's CPU time (autograd runs CPU backward on the
+    calling thread too): with more workers than cores, wall time would also
+    count the waits for a core, which belong to the machine, not the stage.
+    Otherwise host wall time (on accelerators the executor does not
+    synchronize per action, so that communication keeps overlapping)."""
+    if dev.type == "cpu" and torch.get_num_threads() == 1:
+        return time.thread_time
+    return time.perf_counter
 
 
 def accelerator_initialized() -> bool:

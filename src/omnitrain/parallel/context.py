@@ -503,6 +503,7 @@ class ParallelContext:
             num_microbatches=m,
             num_stages=self.num_stages,
             device=trainer.dev,
+            clock=device.compute_clock(trainer.dev),
         )
         loss = torch.stack(res.losses).sum() if res.losses else torch.zeros(())
         # Per-stage times, gathered so the logging rank reports every stage.

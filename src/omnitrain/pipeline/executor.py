@@ -237,6 +237,7 @@ def run_pipeline(
     device: torch.device | None = None,
     prefetch: bool | None = None,
     batch_p2p: bool | None = None,
+    clock=time.perf_counter,
 ) -> PipelineResult:
     """Run this rank's `actions` for one step.
 
@@ -249,7 +250,8 @@ def run_pipeline(
     Batching is limited to one stage per rank: the stages then form a line
     in which a batch's sends are always taken by a neighbour that needs them
     (a grouped batch completes as a whole); interleaved stages wrap around
-    the ranks, where no such argument holds.
+    the ranks, where no such argument holds. `clock` times the compute
+    (forward_s / backward_s; device.compute_clock); idle_s is wall time.
     """
     stages = dict(stage) if isinstance(stage, Mapping) else {actions[0].stage if actions else 0: stage}
     if num_stages is None:
@@ -277,6 +279,7 @@ def run_pipeline(
     fwd_s = {s: 0.0 for s in stages}
     bwd_s = {s: 0.0 for s in stages}
     timeline = []
+    wall_busy = 0.0  # idle is wall time between actions, whatever `clock` is
     t_start = time.perf_counter()
 
     split = any(a.op == "W" for a in actions)
@@ -295,10 +298,10 @@ def run_pipeline(
         # Each branch: receive, compute between t0 and t1 (the timed part), send.
         if a.op == "F":
             inputs = {} if first else box.recv(prev_rank, (ACT, mb, s))
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), clock()
             out = stages[s].forward(mb, inputs)
-            t1 = time.perf_counter()
-            fwd_s[s] += t1 - t0
+            t1, c1 = time.perf_counter(), clock()
+            fwd_s[s] += c1 - c0
             if last:
                 if not isinstance(out, torch.Tensor) or out.dim() != 0:
                     raise TypeError(
@@ -313,7 +316,7 @@ def run_pipeline(
         elif a.op == "B":
             inputs, out = saved.pop((mb, s))
             grads = None if last else box.recv(next_rank, (GRAD, mb, s))
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), clock()
             if split and first:  # no input grads to send: W is the whole (plain) backward
                 pending_w[(mb, s)] = functools.partial(_backward, out, grads)
             elif split:  # input grads only; the graph stays for W
@@ -324,8 +327,8 @@ def run_pipeline(
                 del work
             else:
                 _backward(out, grads)
-            t1 = time.perf_counter()
-            bwd_s[s] += t1 - t0
+            t1, c1 = time.perf_counter(), clock()
+            bwd_s[s] += c1 - c0
             if not first:
                 back = _input_grads(inputs)
                 box.send(back, prev_rank, (GRAD, mb, s - 1), then)
@@ -335,25 +338,25 @@ def run_pipeline(
             if (mb, s) not in pending_w:
                 raise RuntimeError(f"pipeline: {a} runs before its B")
             run_w = pending_w.pop((mb, s))
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), clock()
             run_w()
-            t1 = time.perf_counter()
-            bwd_s[s] += t1 - t0
+            t1, c1 = time.perf_counter(), clock()
+            bwd_s[s] += c1 - c0
             del run_w  # frees the micro-batch's graph
         else:
             raise ValueError(f"pipeline: unknown action {a}")
         timeline.append((t0 - t_start, t1 - t_start, a))
+        wall_busy += t1 - t0
 
     box.finish()
     total = time.perf_counter() - t_start
     if saved or pending_w:
         raise RuntimeError(f"pipeline: forwards without a backward: {sorted(saved)}, without W: {sorted(pending_w)}")
-    busy = sum(fwd_s.values()) + sum(bwd_s.values())
     return PipelineResult(
         losses=[losses[i] for i in sorted(losses)] if losses else [],
         forward_s=fwd_s,
         backward_s=bwd_s,
-        idle_s=total - busy,
+        idle_s=total - wall_busy,
         total_s=total,
         timeline=timeline,
     )

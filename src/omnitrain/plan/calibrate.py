@@ -20,8 +20,6 @@ set as a worker of the configured layout gets them (launch._worker_threads).
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 
@@ -73,21 +71,22 @@ def _run_chain(family, model, chain, mb, n_label, dev, dtype):
     from omnitrain import device
 
     sync = lambda: device.synchronize(dev)  # noqa: E731
+    clock = device.compute_clock(dev)  # the executor's clock (run_pipeline), so prediction and measurement compare
     out, saved, fwd, bwd = {}, [], [], []
     for sp in chain:
         inputs = {k: v.detach().requires_grad_(v.requires_grad) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
         sync()
-        t0 = time.perf_counter()
+        t0 = clock()
         with device.autocast(dev, dtype):
             res = family.stage_forward(model, sp, mb, inputs, n_label)
         sync()
-        fwd.append(time.perf_counter() - t0)
+        fwd.append(clock() - t0)
         saved.append((inputs, res))
         out = res if isinstance(res, dict) else {}
     grads = None
     for inputs, res in reversed(saved):
         sync()
-        t0 = time.perf_counter()
+        t0 = clock()
         if torch.is_tensor(res):
             res.backward()
         else:
@@ -95,7 +94,7 @@ def _run_chain(family, model, chain, mb, n_label, dev, dtype):
             if pairs:
                 torch.autograd.backward([p for p, _ in pairs], [g for _, g in pairs])
         sync()
-        bwd.append(time.perf_counter() - t0)
+        bwd.append(clock() - t0)
         grads = {k: (v.grad if v.grad is not None else torch.zeros_like(v)) for k, v in inputs.items() if torch.is_tensor(v) and v.requires_grad}
     # Zeroed, not freed: a stage's later micro-batches add into allocated grads
     # (freeing them made every timed backward pay the first micro-batch's allocation).
@@ -168,10 +167,10 @@ def calibrate(cfg, family) -> Fit:
                 if i < WARMUP:
                     _run_chain(family, model, chain, mb, n_label, dev, dtype)
                     continue
-                # the faster of REPEATS runs per segment: robust to other work on the machine
+                # the mean of REPEATS runs per segment, as a run's per-step sums average them
                 runs = [_run_chain(family, model, chain, mb, n_label, dev, dtype) for _ in range(REPEATS)]
-                fwd = [min(r[0][j] for r in runs) for j in range(len(chain))]
-                bwd = [min(r[1][j] for r in runs) for j in range(len(chain))]
+                fwd = [sum(r[0][j] for r in runs) / REPEATS for j in range(len(chain))]
+                bwd = [sum(r[1][j] for r in runs) / REPEATS for j in range(len(chain))]
                 for sp, tf, tb in zip(chain, fwd, bwd):
                     row = np.zeros(len(mods) + 2 * len(types))
                     row[mods.index(next(m for m in mods if sp.has(m)))] = 1.0
