@@ -102,3 +102,26 @@ def test_cli_prints_table(capsys):
     assert "8,931,813,888" in out
     for word in ("vision", "audio", "llm_embed", "llm_layers", "lm_head", "total", "stage"):
         assert word in out
+
+
+def test_calibrate_fits_every_layer_type_and_the_plan_says_so(monkeypatch):
+    """plan.calibrate=true runs real micro-batches of the data config through the
+    built model (reduced depths: the fit is per layer type) and the plan prints
+    per-stage times from that fit, not from the roofline."""
+    over = ["model=qwen25_vl", "model.config.vision_config.depth=4", "model.config.vision_config.fullatt_block_indexes=[1,3]",
+            "model.config.text_config.num_hidden_layers=3", "parallel=single", "train.global_batch_size=1",
+            "data.max_samples=4", "plan.calibrate=true"]
+    cfg = plan.compose(over)
+    from omnitrain.models.family import build_family
+    from omnitrain.plan.calibrate import calibrate
+    from omnitrain.plan.layout import segments_for
+
+    fit = calibrate(cfg, build_family(cfg.model))
+    types = {s.type for s in segments_for(cfg)}
+    assert set(fit.fwd) == set(fit.bwd) == types and len(types) >= 3  # window and full ViT blocks, LLM layer, ...
+    assert all(c >= 0 and a >= 0 for d in (fit.fwd, fit.bwd) for c, a in d.values())
+    assert set(fit.call_fwd) == {"vision", "llm"}
+    assert "fit error" in fit.where
+    monkeypatch.setattr("omnitrain.plan.calibrate.calibrate", lambda cfg, family: fit)  # the plan's own call: not twice
+    text = plan.report(cfg)
+    assert fit.describe() in text and "roofline" not in text
