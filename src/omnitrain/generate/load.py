@@ -5,8 +5,8 @@ torch.distributed.checkpoint into the whole model (`train.checkpoint.load`:
 tensors are keyed by name, so whatever layout saved it); its model comes from
 the run's config.yaml or the config.json `convert hf_to_mm` stored. An HF
 folder (a thinker, a whole omni folder, a VL folder) loads through the
-family's state-dict adapter (`convert.hf.load_hf_weights`), as
-`model.init_from` does. Either way the model is the family's HF class
+family's state-dict adapter straight onto the meta-built model
+(`convert.hf.materialize`, through `model.init_from`), as training does. Either way the model is the family's HF class
 (`hf_class`), so `generate` is transformers' own.
 
 Prompts are built by the family's transform (the training `SampleBuilder`)
