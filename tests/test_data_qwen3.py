@@ -11,10 +11,24 @@ import shutil
 import pytest
 import torch
 
-from data_fixtures.helpers import data_cfg, demo_dir, model_cfg, processor
+from data_fixtures.helpers import data_cfg, demo_dir, processor
 
 from omnitrain.data import build_dataset, collate
 from omnitrain.parallel.layout import whole_plan
+
+# What is checked here is the data layout the encoders fill, not depth: 4
+# vision blocks (DeepStack after 1, 2, 3), 2 audio layers, 4 LLM layers.
+SMALL = ["model.config.vision_config.depth=4", "model.config.vision_config.deepstack_visual_indexes=[1,2,3]",
+         "model.config.text_config.num_hidden_layers=4"]
+
+
+def small_family(name):
+    from conftest import compose_cfg
+    from omnitrain.models.family import build_family
+
+    audio = ["model.config.audio_config.encoder_layers=2"] if name == "qwen3_omni" else []
+    return build_family(compose_cfg([f"model={name}", *SMALL, *audio]).model)
+
 
 CASES = {
     "qwen3_omni": ["mllm_demo", "mllm_audio_demo", "mllm_video_demo"],
@@ -24,7 +38,7 @@ CASES = {
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_demo_micro_batches_run_through_the_model(name):
-    fam = model_cfg(name)
+    fam = small_family(name)
     ds = build_dataset(data_cfg(dataset=",".join(CASES[name])), fam, processor(name))
     samples = [ds[(d, 0)] for d in range(len(CASES[name]))] + [ds[(d, 1)] for d in range(len(CASES[name]))]
     for s in samples:
@@ -57,7 +71,7 @@ def test_qwen3_omni_audio_in_video_and_long_audio(tmp_path):
 
     from omnitrain.models.qwen3_omni.family import aut_output_length
 
-    fam, proc = model_cfg("qwen3_omni"), processor("qwen3_omni")
+    fam, proc = small_family("qwen3_omni"), processor("qwen3_omni")
     tok = proc.tokenizer
     ds = build_dataset(
         data_cfg(dataset="mllm_video_audio_demo,mllm_demo", dataset_options={"mllm_video_audio_demo": {"use_audio_in_video": True}}),

@@ -62,6 +62,7 @@ OMNI_LAYOUTS = {
     "ep2": ["parallel=dp2", *EP2],
     "tp2_ep2": ["parallel=tp2", "parallel.dp=2", *EP2],
     "pp2_ep2": [*OMNI_PP2, "parallel.dp=2", *EP2],
+    "fsdp2_ep2": ["parallel=dp2", "parallel.dp_mode=fsdp", *EP2],  # edp 1: dense FSDP over dp, experts only EP
     # dp4 = edp2 x ep2: experts FSDP-sharded over edp on top of their ep shard
     "fsdp4_ep2": ["parallel=dp2", "parallel.dp=4", "parallel.dp_mode=fsdp", "train.save_every=2", *EP2],
 }
