@@ -137,3 +137,16 @@ def test_ep_rules(overrides, match):
 def test_ep_with_fsdp_is_accepted():
     # the experts are FSDP-sharded over their edp replicas (tests/test_qwen3_parity.py)
     _check("model=qwen3_omni", "parallel=dp2", "parallel.dp=4", "parallel.ep.llm=2", "parallel.dp_mode=fsdp", "train.global_batch_size=8")
+
+
+def test_planner_counts_experts_once_under_fsdp_and_ep():
+    # experts per rank: 1/ep replicated, 1/(edp x ep) = 1/dp under FSDP (as dense weights)
+    from omnitrain.models.family import build_family
+    from omnitrain.plan import rank_params
+
+    cfg = compose_cfg(["model=qwen3_omni", "parallel=dp2", "parallel.dp=4", "train.global_batch_size=8"])
+    family = build_family(cfg.model)
+    plans, model = check_layout(cfg), family.build_meta()
+    tp, fsdp = {m: 1 for m in family.module_names}, {m: 4 for m in family.module_names}
+    assert rank_params(family, model, plans, tp, fsdp, ep=2) == rank_params(family, model, plans, tp, fsdp, ep=1)
+    assert rank_params(family, model, plans, tp, None, ep=2)[0] < rank_params(family, model, plans, tp, None, ep=1)[0]
