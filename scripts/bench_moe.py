@@ -6,11 +6,15 @@ MoE experts block, from one run: transformers' experts implementations
 none for the device / dtype) on the tiny qwen3_omni layer and on one
 Qwen3-Omni-30B-A3B-shaped layer (128 experts of 768, top-8, hidden 2048).
 
-    python scripts/bench_moe.py [--tokens 512] [--repeat 3] [--tokens-30b 64] [--repeat-30b 1]
+    python scripts/bench_moe.py [--tokens 512] [--repeat 3] [--tokens-30b 64] [--repeat-30b 1] [--weight-grads-30b]
 
-The 30B-shaped layer holds 604 M expert weights (2.4 GB fp32, as much again
-for grads): its default is 64 tokens (512 routed rows, ~4 per expert), one
-timed run after the warm-up, so it takes seconds on a laptop CPU.
+The 30B-shaped layer holds 604 M expert weights (2.4 GB fp32): its default is
+64 tokens (512 routed rows, ~4 per expert), one timed run after the warm-up,
+and its backward goes to the input only (frozen experts, what every layer
+below the last trainable one runs). With weight grads HF's loop indexes
+`gate_up_proj[e]` per hit expert, and each index's backward writes a whole
+(E, 2I, H) zero gradient (1.6 GB) before adding its slice: on a 2-core CPU
+that alone ran past 10 minutes; `--weight-grads-30b` times it anyway.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import time
 import torch
 
 
-def make(hidden, inter, experts, top_k, tokens, impl, seed=0):
+def make(hidden, inter, experts, top_k, tokens, impl, seed=0, weight_grads=True):
     from transformers import Qwen3OmniMoeTextConfig
     from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeThinkerTextSparseMoeBlock
 
@@ -31,6 +35,7 @@ def make(hidden, inter, experts, top_k, tokens, impl, seed=0):
     block = Qwen3OmniMoeThinkerTextSparseMoeBlock(cfg)
     for p in block.parameters():
         torch.nn.init.normal_(p, std=0.02)
+        p.requires_grad_(weight_grads)
     x = torch.randn(1, tokens, hidden)
     return block, x
 
@@ -52,16 +57,18 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--tokens-30b", type=int, default=64)
     ap.add_argument("--repeat-30b", type=int, default=1)
+    ap.add_argument("--weight-grads-30b", action="store_true")
     args = ap.parse_args()
+    w30 = "weight + input grads" if args.weight_grads_30b else "input grads only"
     shapes = {
-        "tiny qwen3_omni (E8 k2 H64 I32)": ((64, 32, 8, 2), args.tokens, args.repeat),
-        "30B-A3B layer (E128 k8 H2048 I768)": ((2048, 768, 128, 8), args.tokens_30b, args.repeat_30b),
+        "tiny qwen3_omni (E8 k2 H64 I32), weight + input grads": ((64, 32, 8, 2), args.tokens, args.repeat, True),
+        f"30B-A3B layer (E128 k8 H2048 I768), {w30}": ((2048, 768, 128, 8), args.tokens_30b, args.repeat_30b, args.weight_grads_30b),
     }
-    for name, ((h, i, e, k), tokens, repeat) in shapes.items():
+    for name, ((h, i, e, k), tokens, repeat, wg) in shapes.items():
         times = {}
         outs = {}
         for impl in ("eager", "grouped_mm"):
-            block, x = make(h, i, e, k, tokens, impl)
+            block, x = make(h, i, e, k, tokens, impl, weight_grads=wg)
             with torch.no_grad():
                 outs[impl] = block(x)
             times[impl] = time_block(block, x, repeat)

@@ -126,10 +126,27 @@ def test_fsdp_over_a_fused_qkv_tp_shard_is_refused():
         (["parallel=dp2", "parallel.ep.llm=2"], r"parallel.ep.llm=2: model=\S+ has no mixture-of-experts layers"),
         (["model=qwen3_omni", "parallel=dp2", "parallel.ep.llm=3", "parallel.dp=3"], r"parallel.ep.llm=3 does not divide model=qwen3_omni's 8 experts"),
         (["model=qwen3_omni", "parallel=dp2", "parallel.ep.llm=4"], r"parallel.ep.llm=4: expert parallelism uses the LLM's data-parallel ranks, and 4 does not divide its 2"),
-        (["model=qwen3_omni", "parallel=dp2", "parallel.ep.llm=2", "parallel.dp_mode=fsdp"], r"parallel.ep.llm=2 with parallel.dp_mode=fsdp is not implemented"),
         (["model=qwen3_omni", "parallel.ep.llm=0"], r"parallel.ep.llm=0: must be >= 1"),
     ],
 )
 def test_ep_rules(overrides, match):
     with pytest.raises(ConfigError, match=match):
         _check("train.global_batch_size=12", *overrides)
+
+
+def test_ep_with_fsdp_is_accepted():
+    # the experts are FSDP-sharded over their edp replicas (tests/test_qwen3_parity.py)
+    _check("model=qwen3_omni", "parallel=dp2", "parallel.dp=4", "parallel.ep.llm=2", "parallel.dp_mode=fsdp", "train.global_batch_size=8")
+
+
+def test_planner_counts_experts_once_under_fsdp_and_ep():
+    # experts per rank: 1/ep replicated, 1/(edp x ep) = 1/dp under FSDP (as dense weights)
+    from omnitrain.models.family import build_family
+    from omnitrain.plan import rank_params
+
+    cfg = compose_cfg(["model=qwen3_omni", "parallel=dp2", "parallel.dp=4", "train.global_batch_size=8"])
+    family = build_family(cfg.model)
+    plans, model = check_layout(cfg), family.build_meta()
+    tp, fsdp = {m: 1 for m in family.module_names}, {m: 4 for m in family.module_names}
+    assert rank_params(family, model, plans, tp, fsdp, ep=2) == rank_params(family, model, plans, tp, fsdp, ep=1)
+    assert rank_params(family, model, plans, tp, None, ep=2)[0] < rank_params(family, model, plans, tp, None, ep=1)[0]

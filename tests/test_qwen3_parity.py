@@ -20,7 +20,7 @@ from _layouts import check_parity, run_layout
 from conftest import compose_cfg
 from omnitrain.models.family import build_family
 
-STEPS, GLOBAL, MICRO = 3, 4, 2  # 2 micro-batches per step: the least 1F1B over 2 stages takes
+STEPS, GLOBAL, MICRO = 3, 8, 2  # 4 micro-batches: 2 per dp rank under dp2, 1F1B's least over 2 stages
 
 
 def _run(tmp, model, name, overrides, kinds):
@@ -45,9 +45,27 @@ def tmp(tmp_path_factory):
     return tmp_path_factory.mktemp("q3")
 
 
-OMNI = ["model.moe.aux_loss_coef=0.01"]
-OMNI_PP2 = ["parallel=pp2", "parallel.pp.layers={vision:[27,0],audio:[32,0],llm:[1,47]}"]
-VL_PP2 = ["parallel=vl7b_pp2", "parallel.pp.layers={vision:[27,0],llm:[2,34]}"]
+# Parity is about the layout, not the depth: 4 vision blocks (DeepStack taps
+# after 1, 2, 3), 2 audio layers, 4 MoE LLM layers (the real depths are built
+# by tests/test_model_qwen3.py and the default run).
+OMNI = ["model.moe.aux_loss_coef=0.01", "model.config.vision_config.depth=4",
+        "model.config.vision_config.deepstack_visual_indexes=[1,2,3]",
+        "model.config.audio_config.encoder_layers=2", "model.config.text_config.num_hidden_layers=4"]
+OMNI_PP2 = ["parallel=pp2", "parallel.pp.layers={vision:[4,0],audio:[2,0],llm:[1,3]}"]
+VL = ["model.config.vision_config.depth=4", "model.config.vision_config.deepstack_visual_indexes=[1,2,3]",
+      "model.config.text_config.num_hidden_layers=4"]
+VL_PP2 = ["parallel=vl7b_pp2", "parallel.pp.layers={vision:[4,0],llm:[2,2]}"]
+EP2 = ["parallel.ep.llm=2"]
+# name -> overrides; every one checked against the one single-process reference
+OMNI_LAYOUTS = {
+    "pp2": OMNI_PP2,  # LLM layer 0 on stage 0: DeepStack levels 1, 2 cross the cut
+    "ep2": ["parallel=dp2", *EP2],
+    "tp2_ep2": ["parallel=tp2", "parallel.dp=2", *EP2],
+    "pp2_ep2": [*OMNI_PP2, "parallel.dp=2", *EP2],
+    "fsdp2_ep2": ["parallel=dp2", "parallel.dp_mode=fsdp", *EP2],  # edp 1: dense FSDP over dp, experts only EP
+    # dp4 = edp2 x ep2: experts FSDP-sharded over edp on top of their ep shard
+    "fsdp4_ep2": ["parallel=dp2", "parallel.dp=4", "parallel.dp_mode=fsdp", "train.save_every=2", *EP2],
+}
 
 
 @pytest.fixture(scope="module")
@@ -58,29 +76,28 @@ def omni_ref(tmp):
     return ref
 
 
-def test_qwen3_omni_pp2_deepstack_across_the_cut(tmp, omni_ref):
-    _check(_run(tmp, "qwen3_omni", "pp2", [*OMNI_PP2, *OMNI], _synth.KINDS_Q3_OMNI), omni_ref, "pp2", "qwen3_omni")
+@pytest.mark.parametrize("name", list(OMNI_LAYOUTS))
+def test_qwen3_omni_layouts(tmp, omni_ref, name):
+    _check(_run(tmp, "qwen3_omni", name, [*OMNI_LAYOUTS[name], *OMNI], _synth.KINDS_Q3_OMNI), omni_ref, name, "qwen3_omni", tp="tp" in name)
 
 
-def test_qwen3_omni_ep2_and_resume_single(tmp, omni_ref):
-    """dp2 x ep2: each rank holds 4 of the 8 experts of every MoE layer and
-    routes its tokens to the other by all-to-all; then its step-2 DCP
-    checkpoint (experts saved as shards) resumes single-process for step 3."""
-    ep2 = _run(tmp, "qwen3_omni", "ep2", ["parallel=dp2", "parallel.ep.llm=2", "train.save_every=2", *OMNI], _synth.KINDS_Q3_OMNI)
-    _check(ep2, omni_ref, "ep2", "qwen3_omni")
-    out = tmp / "ep2_resume"
+def test_qwen3_omni_fsdp_ep_resumes_single(tmp, omni_ref):
+    """The fsdp4 x ep2 run's step-2 DCP checkpoint (experts saved as (edp, ep)
+    shards) resumes single-process for step 3."""
+    if not (tmp / "fsdp4_ep2" / "checkpoints" / "step_2").exists():
+        test_qwen3_omni_layouts(tmp, omni_ref, "fsdp4_ep2")
     losses, _, params = run_layout(
-        out, ["model=qwen3_omni", "parallel=single", f"train.resume={tmp / 'ep2'}/checkpoints/step_2", *OMNI],
+        tmp / "fsdp_ep_resume", ["model=qwen3_omni", "parallel=single", f"train.resume={tmp / 'fsdp4_ep2'}/checkpoints/step_2", *OMNI],
         steps=STEPS, global_batch=GLOBAL, micro=MICRO, kinds=_synth.KINDS_Q3_OMNI,
     )
     ref_losses, _, ref_params = omni_ref[0]
     assert len(losses) == 1 and abs(losses[0] - ref_losses[-1]) <= 1e-5 * abs(ref_losses[-1]), (losses, ref_losses)
     worst = max((float((params[k] - ref_params[k]).norm() / ref_params[k].norm().clamp_min(1e-5)), k) for k in ref_params)  # as check_parity
     assert params.keys() == ref_params.keys() and worst[0] < 1e-5, worst
-    print(f"\nqwen3_omni ep2 -> single resume: step-3 loss {abs(losses[0] - ref_losses[-1]) / abs(ref_losses[-1]):.1e}, worst tensor {worst[0]:.1e} ({worst[1]})")
+    print(f"\nqwen3_omni fsdp4_ep2 -> single resume: step-3 loss {abs(losses[0] - ref_losses[-1]) / abs(ref_losses[-1]):.1e}, worst tensor {worst[0]:.1e} ({worst[1]})")
 
 
 def test_qwen3_vl_pp2_and_tp2(tmp):
-    ref = _run(tmp, "qwen3_vl", "vl_single", ["parallel=single"], _synth.KINDS_Q3_VL)
-    _check(_run(tmp, "qwen3_vl", "vl_pp2", VL_PP2, _synth.KINDS_Q3_VL), ref, "pp2", "qwen3_vl")
-    _check(_run(tmp, "qwen3_vl", "vl_tp2", ["parallel=tp2"], _synth.KINDS_Q3_VL), ref, "tp2", "qwen3_vl", tp=True)
+    ref = _run(tmp, "qwen3_vl", "vl_single", ["parallel=single", *VL], _synth.KINDS_Q3_VL)
+    _check(_run(tmp, "qwen3_vl", "vl_pp2", [*VL_PP2, *VL], _synth.KINDS_Q3_VL), ref, "pp2", "qwen3_vl")
+    _check(_run(tmp, "qwen3_vl", "vl_tp2", ["parallel=tp2", *VL], _synth.KINDS_Q3_VL), ref, "tp2", "qwen3_vl", tp=True)

@@ -64,8 +64,8 @@ def encoder_micro_multiple(sizes: Sizes) -> int:
 
 def check_ep(cfg, family, sizes: Sizes) -> int:
     """`parallel.ep.llm`: it must divide the LLM's experts and its dp ranks
-    (EP borrows them), and the experts cannot also be FSDP-sharded (not
-    implemented: FSDP would need a 2-D (edp, ep) mesh for them)."""
+    (EP borrows them). With dp_mode=fsdp the experts are FSDP-sharded over
+    the ranks holding the same experts ("edp"), the rest over dp."""
     ep = int(cfg.parallel.ep.llm)
     if ep < 1:
         raise ConfigError(f"parallel.ep.llm={ep}: must be >= 1")
@@ -84,11 +84,6 @@ def check_ep(cfg, family, sizes: Sizes) -> int:
         raise ConfigError(
             f"parallel.ep.llm={ep}: expert parallelism uses the LLM's data-parallel ranks, and {ep} does not divide "
             f"its {sizes.dp_of(LLM)} (parallel.dp); raise parallel.dp to a multiple of {ep} or lower parallel.ep.llm"
-        )
-    if cfg.parallel.dp_mode == "fsdp":
-        raise ConfigError(
-            f"parallel.ep.llm={ep} with parallel.dp_mode=fsdp is not implemented (the experts would need FSDP over "
-            "the ranks holding the same experts only); use parallel.dp_mode=replicate"
         )
     return ep
 
@@ -340,16 +335,22 @@ class ParallelContext:
 
         owned = list(dict.fromkeys(p for plan in plans for p in adapter.owned_prefixes(plan)))
         per_module = {m: [p for p in owned if adapter.module_of(p + ".") == m] for m in self.modules}
+        experts = {}
         for m, mm in self.modules.items():
             if mm.tp_size > 1:
                 apply_tp(model, adapter, m, mm.mesh["tp"], per_module[m], sequence_parallel=self.sequence_parallel and m == LLM)
             if mm.ep_mesh is not None:
                 from omnitrain.parallel.ep import apply_ep
 
-                apply_ep(model, adapter.experts, per_module[m], mm.ep_mesh["ep"])
+                experts[m] = apply_ep(model, adapter.experts, per_module[m], mm.ep_mesh["ep"])
         if self.dp_mode == "fsdp":
             dev = next((p.device for p in model.parameters() if not p.is_meta), None)
             for m, mm in self.modules.items():
+                # Experts first, over their replicas only (the "edp" dim of the
+                # mesh their Shard(0) over "ep" lives on, as FSDP + TP): the
+                # enclosing layer's unit then leaves their parameters alone.
+                if experts.get(m):
+                    apply_fsdp(model, experts[m], mm.ep_mesh["edp"], self.fsdp_opts, dev)
                 apply_fsdp(model, per_module[m], mm.mesh["dp"], self.fsdp_opts, dev)
         return model
 
@@ -410,7 +411,8 @@ class ParallelContext:
         if not isinstance(t, DTensor):
             return False
         names = t.device_mesh.mesh_dim_names or ()
-        return any(n == "dp" and _is_sharded(pl) for n, pl in zip(names, t.placements))
+        # "edp": FSDP-sharded experts under EP (already reduce-scattered over their replicas)
+        return any(n in ("dp", "edp") and _is_sharded(pl) for n, pl in zip(names, t.placements))
 
     @staticmethod
     def _resolve_partial_grads(module_params) -> None:

@@ -42,6 +42,10 @@ def apply_fsdp(model: nn.Module, units: list[str], dp_mesh, opts, dev: torch.dev
     # Pinned memory needs an accelerator (FACTS: pin_memory=False on CPU).
     offload = CPUOffloadPolicy(pin_memory=not device.is_cpu(dev)) if opts.cpu_offload else OffloadPolicy()
     modules = dict(model.named_modules())
+    # A container the segment code iterates (e.g. a family's DeepStack mergers, a
+    # ModuleList) has no forward of its own: its members are the units.
+    units = [f"{n}.{c}" if isinstance(modules[n], (nn.ModuleList, nn.ModuleDict)) else n
+             for n in units for c in (modules[n]._modules if isinstance(modules[n], (nn.ModuleList, nn.ModuleDict)) else [None])]
     done = []
     for name in units:
         mod = modules[name]

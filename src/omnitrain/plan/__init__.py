@@ -130,7 +130,8 @@ def rank_params(family, model: nn.Module, plans: Iterable, tp: Mapping[str, int]
         rowwise = any(_matches(pat, fqn) and style == "rowwise" for pat, style in family.tp_plan.get(module, ()))
         n = p.numel() / tp.get(module, 1) if sharded and not (rowwise and leaf == "bias") else p.numel()
         n /= (fsdp or {}).get(module, 1)
-        if ep > 1 and family.experts and fnmatch.fnmatchcase(fqn, family.experts):
+        # experts: 1/ep, or under FSDP 1/(edp x ep) = 1/dp, which the line above did
+        if ep > 1 and family.experts and fnmatch.fnmatchcase(fqn, family.experts) and (fsdp or {}).get(module, 1) == 1:
             n /= ep
         for s, plan in enumerate(plans):
             if _owns(plan, *owner):

@@ -281,7 +281,9 @@ class CostModel:
         # activations are sharded by TP inside the layer; the residual stream is not (no sequence parallelism)
         self.act[k] = cost.act / t if s.part == "layer" else cost.act / (t if s.module == f.decoder and s.part == "post" else 1)
         experts = f.expert_params(s.module, s.index) if s.part == "layer" else 0  # replicated over TP, split by EP
-        per_rank = (s.params - s.sharded - experts) + s.sharded / t + experts / self.ep
+        # under FSDP x EP the experts are sharded over edp x ep = the module's dp ranks (the division below)
+        ep = self.ep if self.fsdp.get(s.module, 1) == 1 else 1
+        per_rank = (s.params - s.sharded - experts) + s.sharded / t + experts / ep
         self.state[k] = per_rank * BYTES_STATE / self.fsdp.get(s.module, 1)
 
     # ---- per stage ----------------------------------------------------------

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from omnitrain.models.family import ChatSpec, ModuleSpec
 from omnitrain.models.qwen2_vl.family import LLM
 from omnitrain.models.qwen25_omni.family import Qwen25OmniThinker, _chunk_lengths
+from omnitrain.models.qwen3_omni.template import interleave_video_audio
 from omnitrain.models.qwen3_vl.family import QWEN3_LLM_TP_PLAN, VISION_TP_PLAN, DeepStack, vision_spec
 
 AUDIO = ModuleSpec(
@@ -67,7 +68,7 @@ class Qwen3OmniThinker(DeepStack, Qwen25OmniThinker):
             "audio_bos": ("audio_start_token_id",),
             "audio_eos": ("audio_end_token_id",),
         },
-        audio_in_video=None,  # Qwen3-Omni's interleaved layout is not implemented: such samples are refused
+        audio_in_video=interleave_video_audio,
         audio_tokens=lambda n: aut_output_length(n),
     )
     tp_plan = {
