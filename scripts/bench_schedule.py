@@ -245,9 +245,9 @@ def main() -> None:
     if "1f1b" in bubbles and "zero_bubble" in bubbles:
         print(
             f"zero_bubble bubble over 1f1b's: {bubbles['zero_bubble'] / bubbles['1f1b']:.3f} (target <= 0.5; "
-            f"simulated without latency {ideal_bubbles['zero_bubble'] / ideal_bubbles['1f1b']:.3f}: the same "
-            f"overhead per step, {(res['zero_bubble'][0] - _ideal('zero_bubble', a.p, a.m, f, b, 1)[0]) * 1e3:.0f} ms "
-            f"vs {(res['1f1b'][0] - _ideal('1f1b', a.p, a.m, f, b, 1)[0]) * 1e3:.0f} ms, weighs more on the shorter step)"
+            f"simulated without latency {ideal_bubbles['zero_bubble'] / ideal_bubbles['1f1b']:.3f}; "
+            f"over ideal: zero_bubble {(res['zero_bubble'][0] - _ideal('zero_bubble', a.p, a.m, f, b, 1)[0]) * 1e3:.0f} ms, "
+            f"1f1b {(res['1f1b'][0] - _ideal('1f1b', a.p, a.m, f, b, 1)[0]) * 1e3:.0f} ms)"
         )
     # machine-readable last lines
     for name in ("1f1b", "zero_bubble"):
