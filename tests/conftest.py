@@ -38,3 +38,11 @@ def stage_plan(merge=False, head=False, pre=(), post=(), **layers):
     pre = set(pre) | ({"llm"} if merge else set())
     post = set(post) | ({"llm"} if head else set())
     return StagePlan(0, 0, 1, {m: range(*r) for m, r in layers.items()}, frozenset(pre), frozenset(post))
+
+
+# The default Omni thinker at 4 blocks per module (widths unchanged), for tests
+# whose subject is not the real depths (training-loop behaviour, sweeps).
+OMNI_SMALL = [
+    "model.config.vision_config.depth=4", "model.config.vision_config.fullatt_block_indexes=[1,3]",
+    "model.config.audio_config.encoder_layers=4", "model.config.text_config.num_hidden_layers=4",
+]

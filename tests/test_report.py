@@ -1,11 +1,15 @@
 """A sweep of two layouts end to end (one with `parallel.pp.layers=auto`):
 the report lists both, the auto split is stored in the job's config, and
-the planner compares its prediction with the pipeline job's measured times."""
+the planner compares its prediction with the pipeline job's measured times.
+Runs the thinker at 4 blocks per module: the sweep, report and auto split are
+the subject; test_plan_auto.py covers auto at the shipped families' depths."""
 
 import subprocess
 import sys
 
 import yaml
+
+from conftest import OMNI_SMALL
 
 TOKENS = ["plan.tokens.image=16", "plan.tokens.audio=50", "plan.tokens.video=12", "plan.tokens.text=60"]
 
@@ -14,13 +18,13 @@ def test_sweep_report_and_compare(tmp_path):
     sweep = tmp_path / "sweep"
     r = subprocess.run(
         [sys.executable, "-m", "omnitrain", "-m", "parallel=single,pp2", "parallel.pp.layers=auto", "train.steps=2",
-         "data.max_samples=4", *TOKENS, f"hydra.sweep.dir={sweep}"],
+         "data.max_samples=4", *OMNI_SMALL, *TOKENS, f"hydra.sweep.dir={sweep}"],
         capture_output=True, text=True, cwd=tmp_path, timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "parallel.pp.layers=auto ->" in r.stdout + r.stderr
     saved = yaml.safe_load((sweep / "1" / "config.yaml").read_text())["parallel"]
-    assert saved["pp"]["size"] == 2 and sum(saved["pp"]["layers"]["llm"]) == 28  # the run can be repeated as is
+    assert saved["pp"]["size"] == 2 and sum(saved["pp"]["layers"]["llm"]) == 4  # the run can be repeated as is
 
     from omnitrain import report
 
