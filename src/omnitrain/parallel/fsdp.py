@@ -44,8 +44,8 @@ def apply_fsdp(model: nn.Module, units: list[str], dp_mesh, opts, dev: torch.dev
     modules = dict(model.named_modules())
     # A container the segment code iterates (e.g. a family's DeepStack mergers, a
     # ModuleList) has no forward of its own: its members are the units.
-    units = [f"{n}.{c}" if isinstance(modules[n], (nn.ModuleList, nn.ModuleDict)) else n
-             for n in units for c in (modules[n]._modules if isinstance(modules[n], (nn.ModuleList, nn.ModuleDict)) else [None])]
+    containers = (nn.ModuleList, nn.ModuleDict)
+    units = [u for n in units for u in ([f"{n}.{c}" for c in modules[n]._modules] if isinstance(modules[n], containers) else [n])]
     done = []
     for name in units:
         mod = modules[name]
