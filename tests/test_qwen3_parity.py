@@ -71,7 +71,7 @@ OMNI_LAYOUTS = {
 @pytest.fixture(scope="module")
 def omni_ref(tmp):
     """The one single-process Omni reference every Omni layout is checked against."""
-    ref = _run(tmp, "qwen3_omni", "single", ["parallel=single", *OMNI], _synth.KINDS_Q3_OMNI)
+    ref = _run(tmp, "qwen3_omni", "single", ["parallel=single", "train.save_every=2", *OMNI], _synth.KINDS_Q3_OMNI)
     assert ref[1] and "moe_aux" in ref[1][0], ref[1][:1]
     return ref
 
@@ -81,20 +81,27 @@ def test_qwen3_omni_layouts(tmp, omni_ref, name):
     _check(_run(tmp, "qwen3_omni", name, [*OMNI_LAYOUTS[name], *OMNI], _synth.KINDS_Q3_OMNI), omni_ref, name, "qwen3_omni", tp="tp" in name)
 
 
-def test_qwen3_omni_fsdp_ep_resumes_single(tmp, omni_ref):
-    """The fsdp4 x ep2 run's step-2 DCP checkpoint (experts saved as (edp, ep)
-    shards) resumes single-process for step 3."""
-    if not (tmp / "fsdp4_ep2" / "checkpoints" / "step_2").exists():
-        test_qwen3_omni_layouts(tmp, omni_ref, "fsdp4_ep2")
+def _resume_step3(tmp, name, ckpt, overrides, ref):
+    """Step 3 from `ckpt` under `overrides` equals the reference's step 3."""
     losses, _, params = run_layout(
-        tmp / "fsdp_ep_resume", ["model=qwen3_omni", "parallel=single", f"train.resume={tmp / 'fsdp4_ep2'}/checkpoints/step_2", *OMNI],
+        tmp / name, ["model=qwen3_omni", *overrides, f"train.resume={ckpt}", *OMNI],
         steps=STEPS, global_batch=GLOBAL, micro=MICRO, kinds=_synth.KINDS_Q3_OMNI,
     )
-    ref_losses, _, ref_params = omni_ref[0]
-    assert len(losses) == 1 and abs(losses[0] - ref_losses[-1]) <= 1e-5 * abs(ref_losses[-1]), (losses, ref_losses)
+    ref_losses, _, ref_params = ref[0]
+    assert len(losses) == 1 and abs(losses[0] - ref_losses[-1]) <= 1e-5 * abs(ref_losses[-1]), (name, losses, ref_losses)
     worst = max((float((params[k] - ref_params[k]).norm() / ref_params[k].norm().clamp_min(1e-5)), k) for k in ref_params)  # as check_parity
-    assert params.keys() == ref_params.keys() and worst[0] < 1e-5, worst
-    print(f"\nqwen3_omni fsdp4_ep2 -> single resume: step-3 loss {abs(losses[0] - ref_losses[-1]) / abs(ref_losses[-1]):.1e}, worst tensor {worst[0]:.1e} ({worst[1]})")
+    assert params.keys() == ref_params.keys() and worst[0] < 1e-5, (name, worst)
+    print(f"\nqwen3_omni {name}: step-3 loss {abs(losses[0] - ref_losses[-1]) / abs(ref_losses[-1]):.1e}, worst tensor {worst[0]:.1e} ({worst[1]})")
+
+
+def test_qwen3_omni_ep_checkpoints_reshard_both_ways(tmp, omni_ref):
+    """The fsdp4 x ep2 run's step-2 DCP checkpoint (experts saved as (edp, ep)
+    shards) resumes single-process for step 3, and the single run's step-2
+    checkpoint resumes under dp2 x ep2."""
+    if not (tmp / "fsdp4_ep2" / "checkpoints" / "step_2").exists():
+        test_qwen3_omni_layouts(tmp, omni_ref, "fsdp4_ep2")
+    _resume_step3(tmp, "fsdp4_ep2_to_single", tmp / "fsdp4_ep2" / "checkpoints" / "step_2", ["parallel=single"], omni_ref)
+    _resume_step3(tmp, "single_to_ep2", tmp / "single" / "checkpoints" / "step_2", ["parallel=dp2", *EP2], omni_ref)
 
 
 def test_qwen3_vl_pp2_and_tp2(tmp):
