@@ -186,8 +186,6 @@ class PlanTokens:
     video: Optional[float] = None
     audio: Optional[float] = None
     text: Optional[float] = None
-    # label tokens per sample (the head runs on these only; null = all text tokens)
-    labels: Optional[float] = None
     # items of a kind per sample (an image of 1,000 tokens attends over 1,000; two of 500 over 500 each)
     image_items: float = 1
     video_items: float = 1

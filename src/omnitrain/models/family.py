@@ -665,31 +665,21 @@ class ModelFamily:
         global counts (not this micro-batch's) makes the sum of micro-batch
         losses equal the single-process loss under any layout.
         """
-        shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # HF's ForCausalLMLoss shift
-        weights = None
-        norm = num_label_tokens
-        if isinstance(norm, LossNorm) and norm.kind == "sample_mean":
-            weights = self.token_weights(shifted, norm.samples, segments)
-        keep = shifted != IGNORE_INDEX
-        if h.shape[:2] == keep.shape:
-            # Only labelled positions go through the head: the others add
-            # nothing to the loss or to any gradient, and in media-heavy
-            # sequences they are most tokens (their fp32 logits over a
-            # 150k vocabulary were most of a tiny model's step). With sequence
-            # parallelism h holds this rank's part of the sequence and the
-            # head gathers it first, so all positions run there.
-            h, shifted = h[keep], shifted[keep]
-            weights = None if weights is None else weights[keep]
         logits = model.lm_head(self.language_model(model).norm(h)).float()
+        # HF's ForCausalLMLoss layout (all S logits, labels shifted and padded
+        # with the ignore index): the same terms summed in HF's order, so the
+        # loss is bitwise HF's.
+        shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
         shift = shifted.reshape(-1)
         logits = logits.reshape(-1, logits.shape[-1])
+        norm = num_label_tokens
         if not isinstance(norm, LossNorm) or norm.kind == "token_mean":
             n = norm.label_tokens if isinstance(norm, LossNorm) else norm
             return F.cross_entropy(logits, shift, ignore_index=IGNORE_INDEX, reduction="sum") / n
         if norm.kind == "sum":
             return F.cross_entropy(logits, shift, ignore_index=IGNORE_INDEX, reduction="sum")
         ce = F.cross_entropy(logits, shift, ignore_index=IGNORE_INDEX, reduction="none")
-        return (ce * weights.reshape(-1)).sum()
+        return (ce * self.token_weights(shifted, norm.samples, segments).reshape(-1)).sum()
 
     @staticmethod
     def token_weights(shifted_labels: torch.Tensor, num_samples: int, segments=None) -> torch.Tensor:

@@ -125,7 +125,7 @@ def _pick(family, it, dev, max_draws: int = 16) -> list[dict]:
 def _mb_load(family, mb) -> dict:
     grids = {k: int(mb[f"{k}_grid_thw"].shape[0]) for k in ("image", "video") if f"{k}_grid_thw" in mb}
     audio = int(mb["feature_attention_mask"].shape[0]) if "feature_attention_mask" in mb else 0
-    return sample_load(family, mb["input_ids"], grids, audio, mb["labels"])
+    return sample_load(family, mb["input_ids"], grids, audio)
 
 
 def calibrate(cfg, family) -> Fit:

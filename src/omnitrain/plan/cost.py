@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from omnitrain.models.family import IGNORE_INDEX, Work
+from omnitrain.models.family import Work
 
 KINDS = ("image", "video", "audio")
 BYTES_STATE = 16  # per trained parameter: fp32 weight, grad, AdamW exp_avg and exp_avg_sq
@@ -96,10 +96,9 @@ class Load:
         return sum(self.tokens.get(k, 0.0) for k in (*KINDS, "text"))
 
 
-def sample_load(family, ids, grids: Mapping[str, int], audio_items: int, labels=None) -> dict[str, float]:
-    """LLM tokens per kind of one processed sample (or micro-batch): its placeholder
-    tokens; and its label tokens (the positions the head runs on) where `labels` is given."""
-    out = {} if labels is None else {"labels": float((labels != IGNORE_INDEX).sum())}
+def sample_load(family, ids, grids: Mapping[str, int], audio_items: int) -> dict[str, float]:
+    """LLM tokens per kind of one processed sample (or micro-batch): its placeholder tokens."""
+    out = {}
     total = float(ids.numel())
     media = 0.0
     for kind in family.media_kinds():
@@ -128,7 +127,7 @@ def scan_load(cfg, family) -> Load:
         if s["meta"].get("error") is not None:
             continue
         grids = {k: int(s[f"{k}_grid_thw"].shape[0]) for k in ("image", "video") if f"{k}_grid_thw" in s}
-        rows.append(sample_load(family, s["input_ids"], grids, len(s.get("audio_features") or ()), s.get("labels")))
+        rows.append(sample_load(family, s["input_ids"], grids, len(s.get("audio_features") or ())))
     if not rows:
         from omnitrain.config import ConfigError
 
@@ -155,8 +154,6 @@ def explicit_load(cfg, family) -> Load | None:
     if all(t.get(k) is None for k in (*KINDS, "text")):
         return None
     tokens = {"text": float(t.text or 0)}
-    if t.get("labels") is not None:
-        tokens["labels"] = float(t.labels)
     for kind in family.media_kinds():
         tokens[kind] = float(t.get(kind) or 0)
         tokens[f"{kind}_items"] = float(t.get(f"{kind}_items") or 1)

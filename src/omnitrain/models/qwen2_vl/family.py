@@ -218,6 +218,4 @@ class Qwen2VL(ModelFamily):
             patches = sum(n * p for n, p in self.vision_items(load))
             # patch_embed runs per patch, the merger's MLP per merged token
             return Work(patches if part == "pre" else patches / self.hf_config.vision_config.spatial_merge_size ** 2)
-        if part == "post":  # norm + head on the label positions only (ModelFamily.loss); labels are text tokens
-            return Work(load.get("labels", load.get("text", 0.0)))
         return Work(self.sequence(load))
