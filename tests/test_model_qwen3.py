@@ -203,6 +203,12 @@ def test_per_expert_and_fused_folders_import_bitwise(tmp_path):
         for k, v in want.items():
             assert torch.equal(got[k], v), (path.name, k)
 
+    # `mm_to_hf --base` reads a per-expert base's names, shapes and dtypes too.
+    from omnitrain.convert.__main__ import _base_plan
+
+    _, dtypes, _ = _base_plan(str(tmp_path / "split"), family, {k: tuple(v.shape) for k, v in want.items()})
+    assert dtypes["model.language_model.layers.1.mlp.experts.gate_up_proj"] == "F32"
+
     # Round trip: the loaded model exported (to_hf_tensors) -> plain transformers.
     out = folder("export", {hk: hv for k, v in got.items() for hk, hv in family.to_hf_tensors(k, v).items()})
     ref, info = import_object(family.hf_class).from_pretrained(out, output_loading_info=True)

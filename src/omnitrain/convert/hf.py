@@ -99,7 +99,7 @@ def model_tensors(family, folder: str | Path) -> dict[str, dict[str, tuple[str, 
     return out
 
 
-def _pick(family, name: str, shape, got: dict) -> tuple[dict, list[str], list[str]]:
+def pick_layout(family, name: str, shape, got: dict) -> tuple[dict, list[str], list[str]]:
     """(the layout of `name` to read {rel key: shape}, its keys the folder lacks,
     the folder's keys for `name` outside it): the first complete layout, else
     the one with the most keys present."""
@@ -133,7 +133,7 @@ def _fit_problems(family, folder: Path, available: dict, state: dict, expected: 
         if name not in state:
             unexpected += [key for _, key in got.values()]
             continue
-        layout, miss, extra = _pick(family, name, state[name].shape, got)
+        layout, miss, extra = pick_layout(family, name, state[name].shape, got)
         if name in expected:
             missing += miss
         unexpected += [got[k][1] for k in extra]
