@@ -154,3 +154,77 @@ def test_hf_tensors_load_in_plain_transformers(case, tmp_path):
     want = whole.state_dict()
     for k, v in ref.state_dict().items():
         assert torch.equal(v, want[k]), k
+
+
+# Import of HF folders is about names, not depth: a shallow tiny thinker.
+OMNI_SHALLOW = ["model=qwen3_omni", "model.config.vision_config.depth=4", "model.config.vision_config.deepstack_visual_indexes=[1,2,3]",
+                "model.config.audio_config.encoder_layers=2", "model.config.text_config.num_hidden_layers=2"]
+
+
+def test_per_expert_and_fused_folders_import_bitwise(tmp_path):
+    # Folders with the experts per expert (the hub's and save_pretrained's layout,
+    # which is also what export writes) or fused (omnitrain's in-memory names) load
+    # through model.init_from (convert.hf.materialize) bit for bit; what is loaded
+    # exports to a folder plain transformers reads with no missing key; an absent
+    # expert or a wrong per-expert shape is one line naming the key.
+    from safetensors.torch import save_file
+
+    from omnitrain.convert.hf import HFFormatError, check_folder
+
+    family = build_family(compose_cfg(OMNI_SHALLOW).model)
+    src = family.build(whole_plan(family.depths), torch.device("cpu"), seed=3)
+    want = src.state_dict()
+    cfg = family.hf_config
+    cfg.architectures = [family.hf_architecture]
+
+    def folder(name, files):
+        path = tmp_path / name
+        path.mkdir()
+        save_file({k: v.contiguous() for k, v in files.items()}, str(path / "model.safetensors"), metadata={"format": "pt"})
+        cfg.save_pretrained(path)
+        return path
+
+    def load(path):
+        fam = build_family(compose_cfg(OMNI_SHALLOW + [f"model.init_from={path}"]).model)
+        return fam.build(whole_plan(fam.depths), torch.device("cpu"), seed=0).state_dict()
+
+    split = {hk: hv for k, v in want.items() for hk, hv in family.to_hf_tensors(k, v).items()}
+    src.save_pretrained(tmp_path / "saved")
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "saved" / "model.safetensors", "pt") as f:
+        saved_keys = set(f.keys())
+    # transformers 5 reverts its expert fusion on save: the files name each expert.
+    assert "model.layers.1.mlp.experts.7.up_proj.weight" in saved_keys and saved_keys <= set(split)
+    fused = {family.to_hf_name(k): v for k, v in want.items()}
+    for path in (folder("split", split), tmp_path / "saved", folder("fused", fused)):
+        check_folder(family, family.build_meta(), path)
+        got = load(path)
+        for k, v in want.items():
+            assert torch.equal(got[k], v), (path.name, k)
+
+    # `mm_to_hf --base` reads a per-expert base's names, shapes and dtypes too.
+    from omnitrain.convert.__main__ import _base_plan
+
+    _, dtypes, _ = _base_plan(str(tmp_path / "split"), family, {k: tuple(v.shape) for k, v in want.items()})
+    assert dtypes["model.language_model.layers.1.mlp.experts.gate_up_proj"] == "F32"
+
+    # Round trip: the loaded model exported (to_hf_tensors) -> plain transformers.
+    out = folder("export", {hk: hv for k, v in got.items() for hk, hv in family.to_hf_tensors(k, v).items()})
+    ref, info = import_object(family.hf_class).from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, want[k]), k
+
+    gone = "model.layers.1.mlp.experts.3.up_proj.weight"
+    bad = folder("bad", {k: v for k, v in split.items() if k != gone})
+    with pytest.raises(HFFormatError, match=r"1 missing: model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight$") as e:
+        check_folder(family, family.build_meta(), bad)
+    assert "\n" not in str(e.value)
+    with pytest.raises(HFFormatError, match="1 missing: " + gone.replace(".", r"\.")):
+        load(bad)
+    key = "model.layers.0.mlp.experts.2.down_proj.weight"
+    short = folder("short", {**split, key: split[key][:, :-1]})
+    h, i = split[key].shape
+    with pytest.raises(HFFormatError, match=rf"1 shape mismatches: {key.replace('.', '[.]')} \({h}, {i - 1}\) vs config \({h}, {i}\)$"):
+        check_folder(family, family.build_meta(), short)

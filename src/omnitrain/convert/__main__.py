@@ -273,7 +273,7 @@ _WEIGHT_FILES = ("*.safetensors", hf.INDEX, "pytorch_model*.bin", "pytorch_model
 
 def _base_plan(base: str, family, expected: dict) -> tuple[str, dict[str, str], dict[str, str]]:
     """For `mm_to_hf --base`: (prefix of the trained model's tensors in the base,
-    the base's file key -> its dtype name for every tensor, the base's other
+    trained tensor's name -> the base's dtype name for it, the base's other
     tensors: key -> file). The base must be a folder of the checkpoint's
     family whose tensors of the trained model have the checkpoint's names and
     shapes; else one ConvertError, before anything is written."""
@@ -295,19 +295,28 @@ def _base_plan(base: str, family, expected: dict) -> tuple[str, dict[str, str], 
                 sl = f.get_slice(key)
                 dtypes[key] = sl.get_dtype()
                 if key.startswith(prefix):
-                    shapes[family.from_hf_name(key[len(prefix):])] = tuple(sl.get_shape())
+                    shapes[key] = tuple(sl.get_shape())
                 else:
                     rest[key] = file
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    wrong = [f"{prefix + family.to_hf_name(k)} {shapes[k]} in the base vs {expected[k]}" for k in expected if k in shapes and shapes[k] != expected[k]]
+    available = hf.model_tensors(family, base)
+    missing, wrong, dtype_of = [], [], {}
+    unexpected = sorted(key for name, got in available.items() if name not in expected for _, key in got.values())
+    for name, shape in expected.items():
+        # [family hook] the base may store one tensor as several keys (per-expert MoE weights)
+        got = available.get(name, {})
+        layout, miss, extra = hf.pick_layout(family, name, shape, got)
+        missing += miss
+        unexpected += [got[k][1] for k in extra]
+        wrong += [f"{prefix + k} {shapes[prefix + k]} in the base vs {want}" for k, want in layout.items() if k in got and shapes[prefix + k] != want]
+        if got and not miss:
+            dtype_of[name] = dtypes[prefix + next(iter(layout))]
     if missing or unexpected or wrong:
         raise ConvertError(
             f"--base {base} does not match the checkpoint's {family.hf_architecture}: missing in the base "
-            f"{hf._listing([family.to_hf_name(k) for k in missing]) or '-'}; not in the checkpoint "
-            f"{hf._listing([prefix + family.to_hf_name(k) for k in unexpected]) or '-'}; shapes {hf._listing(wrong, 4) or '-'}"
+            f"{hf._listing(missing) or '-'}; not in the checkpoint "
+            f"{hf._listing(unexpected) or '-'}; shapes {hf._listing(wrong, 4) or '-'}"
         )
-    return prefix, dtypes, rest
+    return prefix, dtype_of, rest
 
 
 def _copy_base_files(base: Path, tmp: Path) -> None:
@@ -384,7 +393,7 @@ def mm_to_hf(
     entries = []
     for name in sorted(expected):
         key = prefix + family.to_hf_name(name)
-        target = named[dtype or "fp32"] if dtype or not base else hf.DTYPES[base_dtypes[key]]
+        target = named[dtype or "fp32"] if dtype or not base else hf.DTYPES[base_dtypes[name]]
         entries.append((key, name, target, torch.Size(expected[name]).numel() * target.itemsize))
     for key in sorted(rest):  # talker, token2wav: the base's tensors as they are
         entries.append((key, None, None, 0))

@@ -86,14 +86,26 @@ def weight_map(folder: str | Path) -> dict[str, str]:
     raise HFFormatError(f"{folder}: no {SINGLE} nor {INDEX}")
 
 
-def model_tensors(family, folder: str | Path) -> dict[str, tuple[str, str]]:
-    """In-memory name -> (file, key in the file) of every tensor of the trained model in a folder."""
+def model_tensors(family, folder: str | Path) -> dict[str, dict[str, tuple[str, str]]]:
+    """In-memory name -> {file key without the folder's prefix: (file, key in the
+    file)} of the keys in a folder that make up that tensor of the trained model
+    (one key, or several where the files split it: per-expert MoE weights)."""
     _, prefix, _ = read_config(folder, family)
-    out = {}
+    out: dict[str, dict[str, tuple[str, str]]] = {}
     for key, file in weight_map(folder).items():
         if key.startswith(prefix):
-            out[family.from_hf_name(key[len(prefix) :])] = (file, key)
+            rel = key[len(prefix) :]
+            out.setdefault(family.from_hf_name(rel), {})[rel] = (file, key)
     return out
+
+
+def pick_layout(family, name: str, shape, got: dict) -> tuple[dict, list[str], list[str]]:
+    """(the layout of `name` to read {rel key: shape}, its keys the folder lacks,
+    the folder's keys for `name` outside it): the first complete layout, else
+    the one with the most keys present."""
+    layouts = family.hf_layouts(name, shape)
+    best = max(layouts, key=lambda lay: (all(k in got for k in lay), sum(k in got for k in lay)))
+    return best, [k for k in best if k not in got], [k for k in got if k not in best]
 
 
 def tied_keys(model: nn.Module) -> dict[str, str]:
@@ -108,32 +120,65 @@ def _listing(names: list[str], n: int = 8) -> str:
     return ", ".join(names[:n]) + more
 
 
-def _fit_problems(family, folder: Path, available: dict, state: dict, expected: set, check: list, against: str) -> list[str]:
-    """What keeps a folder's tensors from fitting `state`: names missing from
-    `expected`, names the model lacks, and the shapes of `check` (in that
-    order) read from the files' headers."""
+def _fit_problems(family, folder: Path, available: dict, state: dict, expected: set, check: list, against: str):
+    """(what keeps a folder's tensors from fitting `state`, the sources to read:
+    name -> {rel key: (file, key)}): keys missing for `expected`, keys the model
+    lacks, and the shapes of `check`'s keys (in that order) read from the files'
+    headers, a split tensor's keys against its slices."""
     from safetensors import safe_open
 
+    missing, unexpected, sources, want = [], [], {}, {}
+    for name in sorted(set(available) | expected):
+        got = available.get(name, {})
+        if name not in state:
+            unexpected += [key for _, key in got.values()]
+            continue
+        layout, miss, extra = pick_layout(family, name, state[name].shape, got)
+        if name in expected:
+            missing += miss
+        unexpected += [got[k][1] for k in extra]
+        sources[name] = {k: got[k] for k in layout if k in got}
+        want[name] = layout
     problems = []
-    missing = sorted(expected - set(available))
-    unexpected = sorted(set(available) - set(state))
     if missing:
-        problems.append(f"{len(missing)} missing: {_listing([family.to_hf_name(k) for k in missing])}")
+        problems.append(f"{len(missing)} missing: {_listing(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected: {_listing([available[k][1] for k in unexpected])}")
-    by_file: dict[str, list[str]] = {}
-    for k in check:
-        by_file.setdefault(available[k][0], []).append(k)
+        problems.append(f"{len(unexpected)} unexpected: {_listing(sorted(unexpected))}")
+    by_file: dict[str, list[tuple[str, str, tuple]]] = {}
+    for name in check:
+        for rel, (file, key) in sources.get(name, {}).items():
+            by_file.setdefault(file, []).append((key, want[name][rel]))
     shapes = []
-    for file, names in by_file.items():
+    for file, items in by_file.items():
         with safe_open(folder / file, "pt") as f:
-            for k in names:
-                shape = tuple(f.get_slice(available[k][1]).get_shape())
-                if shape != tuple(state[k].shape):
-                    shapes.append(f"{available[k][1]} {shape} vs {against} {tuple(state[k].shape)}")
+            for key, shape in items:
+                got_shape = tuple(f.get_slice(key).get_shape())
+                if got_shape != tuple(shape):
+                    shapes.append(f"{key} {got_shape} vs {against} {tuple(shape)}")
     if shapes:
         problems.append(f"{len(shapes)} shape mismatches: {_listing(shapes, 4)}")
-    return problems
+    return problems, sources
+
+
+def read_tensors(family, folder: Path, sources: dict, names):
+    """Yield (name, tensor) for `names`, each read from its sources' keys only
+    (safetensors reads them by offset, file by file) and joined by
+    `family.from_hf_tensors` as soon as its last key is read."""
+    from safetensors import safe_open
+
+    by_file: dict[str, list[tuple[str, str, str]]] = {}
+    for name in sorted(names):
+        for rel, (file, key) in sources[name].items():
+            by_file.setdefault(file, []).append((name, rel, key))
+    left = {name: len(sources[name]) for name in names}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for file, items in by_file.items():
+        with safe_open(folder / file, "pt") as f:
+            for name, rel, key in items:
+                parts.setdefault(name, {})[rel] = f.get_tensor(key)
+                left[name] -= 1
+                if not left[name]:
+                    yield name, family.from_hf_tensors(name, parts.pop(name))
 
 
 def load_hf_weights(family, model: nn.Module, folder: str | Path) -> int:
@@ -144,24 +189,17 @@ def load_hf_weights(family, model: nn.Module, folder: str | Path) -> int:
     not have (a deeper model, another architecture) or names it lacks are an
     error listing them, raised before any tensor is copied.
     """
-    from safetensors import safe_open
-
     folder = Path(folder)
     available = model_tensors(family, folder)
     state = model.state_dict()
     expected = set(state) - set(tied_keys(model))
     owned = {k: v for k, v in state.items() if not v.is_meta and k in available}
-    problems = _fit_problems(family, folder, available, state, expected, list(owned), "model")
+    problems, sources = _fit_problems(family, folder, available, state, expected, list(owned), "model")
     if problems:
         raise HFFormatError(f"model.init_from={folder} does not fit model {family.name}: " + "; ".join(problems))
-    by_file: dict[str, list[str]] = {}
-    for k in owned:
-        by_file.setdefault(available[k][0], []).append(k)
     with torch.no_grad():
-        for file, names in by_file.items():
-            with safe_open(folder / file, "pt") as f:
-                for k in names:
-                    owned[k].copy_(f.get_tensor(available[k][1]))
+        for k, t in read_tensors(family, folder, sources, owned):
+            owned[k].copy_(t)
     return len(owned)
 
 
@@ -174,26 +212,19 @@ DTYPES = {
 }
 
 
-def check_folder(family, model: nn.Module, folder: str | Path) -> dict[str, tuple[str, str]]:
+def check_folder(family, model: nn.Module, folder: str | Path) -> dict[str, dict[str, tuple[str, str]]]:
     """Every tensor of `model` (a whole model, on meta is enough) is in the
     folder with its shape, and the folder holds nothing else of the trained
-    model; reads only the files' headers. Returns `model_tensors`. Raises one
-    HFFormatError listing what is missing, unexpected or of another shape."""
+    model; reads only the files' headers. Raises one HFFormatError listing what is missing, unexpected or of another shape.
+    Returns the sources to read: name -> {rel key: (file, key)}."""
     folder = Path(folder)
     available = model_tensors(family, folder)
     state = model.state_dict()
     expected = set(state) - set(tied_keys(model))
-    problems = _fit_problems(family, folder, available, state, expected, sorted(expected & set(available)), "config")
+    problems, sources = _fit_problems(family, folder, available, state, expected, sorted(expected & set(available)), "config")
     if problems:
         raise HFFormatError(f"{folder} does not fit model {family.name} (its tensors vs the config): " + "; ".join(problems))
-    return available
-
-
-def _by_file(available: dict, names) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for k in sorted(names):
-        out.setdefault(available[k][0], []).append(k)
-    return out
+    return sources
 
 
 def materialize(family, model: nn.Module, prefixes, folder: str | Path, device, seed: int, dtype: torch.dtype | None = None) -> dict:
@@ -218,13 +249,10 @@ def materialize(family, model: nn.Module, prefixes, folder: str | Path, device, 
             if name in available:
                 owned[name] = t
     loaded, nbytes = {}, 0
-    for file, names in _by_file(available, owned).items():
-        with safe_open(folder / file, "pt") as f:
-            for k in names:
-                t = f.get_tensor(available[k][1])
-                nbytes += t.numel() * t.element_size()
-                want = dtype if dtype is not None and t.is_floating_point() else owned[k].dtype
-                loaded[k] = t.to(device=device, dtype=want)
+    for k, t in read_tensors(family, folder, available, owned):
+        nbytes += t.numel() * t.element_size()
+        want = dtype if dtype is not None and t.is_floating_point() else owned[k].dtype
+        loaded[k] = t.to(device=device, dtype=want)
     # assign=True makes the read tensors the module's own (no copy into a fresh allocation).
     model.load_state_dict(loaded, strict=False, assign=True)
     # A tied head is not in the files: share the embedding's tensor (HF's own tying).

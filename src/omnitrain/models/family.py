@@ -293,7 +293,19 @@ class ModelFamily:
         whose HF files split a tensor (per-expert MoE weights) overrides it."""
         return {self.to_hf_name(name): tensor}
 
+    def hf_layouts(self, name: str, shape) -> list[dict[str, tuple]]:
+        """The ways an HF folder may store one in-memory tensor, each {key: shape}
+        (import; the first complete one is read, the first is reported when none
+        is): default its one key. A family whose files split a tensor adds that."""
+        return [{self.to_hf_name(name): tuple(shape)}]
+
+    def from_hf_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One in-memory tensor from the file tensors of one of its `hf_layouts`."""
+        (tensor,) = tensors.values()
+        return tensor
+
     def from_hf_name(self, key: str) -> str:
+        """The in-memory tensor a file key (without the folder's prefix) is (part of)."""
         for ours, theirs in self.hf_names:
             if key.startswith(theirs):
                 return ours + key[len(theirs) :]

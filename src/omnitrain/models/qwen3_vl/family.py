@@ -22,6 +22,7 @@ micro-batch's token stream as it has temporal patches.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import torch
 from torch import nn
@@ -57,6 +58,10 @@ QWEN3_LLM_TP_PLAN = LLM_TP_PLAN + (
     ("model.language_model.layers.*.self_attn.q_norm", "head_norm"),
     ("model.language_model.layers.*.self_attn.k_norm", "head_norm"),
 )
+
+
+# One expert's weight as HF folders store it: `<...>.mlp.experts.<e>.<gate|up|down>_proj.weight`.
+_EXPERT_KEY = re.compile(r"(?P<head>.*\.mlp\.experts)\.\d+\.(?P<proj>gate|up|down)_proj\.weight$")
 
 
 class DeepStack:
@@ -240,6 +245,29 @@ class DeepStack:
                 gate, up = tensor[e].chunk(2, dim=0)
                 out[f"{base}.{e}.gate_proj.weight"], out[f"{base}.{e}.up_proj.weight"] = gate, up
         return out
+
+    def hf_layouts(self, name: str, shape) -> list[dict[str, tuple]]:
+        """Fused experts: per-expert keys (the hub folders, transformers 5's
+        save_pretrained, which reverts its conversion) or the fused key."""
+        whole = super().hf_layouts(name, shape)
+        split = {k: tuple(v.shape) for k, v in self.to_hf_tensors(name, torch.empty(shape, device="meta")).items()}
+        return whole if split.keys() == whole[0].keys() else [split, *whole]
+
+    def from_hf_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        if len(tensors) == 1:
+            return super().from_hf_tensors(name, tensors)
+        base, _, leaf = name.rpartition(".")
+        base = self.to_hf_name(base)
+        n = len(tensors) // (1 if leaf == "down_proj" else 2)
+        if leaf == "down_proj":
+            return torch.stack([tensors[f"{base}.{e}.down_proj.weight"] for e in range(n)])
+        return torch.stack([torch.cat([tensors[f"{base}.{e}.gate_proj.weight"], tensors[f"{base}.{e}.up_proj.weight"]]) for e in range(n)])
+
+    def from_hf_name(self, key: str) -> str:
+        m = _EXPERT_KEY.match(key)
+        if m is None:
+            return super().from_hf_name(key)
+        return super().from_hf_name(m["head"]) + (".down_proj" if m["proj"] == "down" else ".gate_up_proj")
 
     # ---- step hooks (the trainer calls them) -----------------------------------
     def begin_step(self, global_tokens: int) -> None:
