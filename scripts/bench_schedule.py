@@ -40,33 +40,55 @@ from omnitrain.pipeline import schedule as sched
 from omnitrain.pipeline.executor import run_pipeline
 
 
+_BOOKED = [0.0]  # perf_counter time until which this process's "device" is busy
+
+
+def _work(start: float, seconds: float) -> float:
+    """Book `seconds` of stage work that could start at `start` and return when it ends.
+
+    A stage's cost is wall time on a serial device, its own torch and
+    autograd work included: on this VM an op right after a sleep takes
+    ~50 us instead of ~5 us, so sleeping a fixed time around the ops would
+    bill that to every action as bubble. Work booked back to back (several
+    micro-batches' weight grads in one autograd call) ends one after another.
+    """
+    _BOOKED[0] = max(_BOOKED[0], start) + seconds
+    return _BOOKED[0]
+
+
+def _sleep_until(deadline: float) -> None:
+    left = deadline - time.perf_counter()
+    if left > 0:
+        time.sleep(left)
+
+
 class _SleepLinear(torch.autograd.Function):
     """y = x * w with fixed costs: the backward's input-grad half runs only when
     autograd asks for x's grad, the weight-grad half only for w's (a linear
     layer's two matmuls), so a split backward pays each half in its own pass."""
 
     @staticmethod
-    def forward(ctx, x, w, fwd_s, bwd_s):
+    def forward(ctx, x, w, fwd_s, bwd_s, t0):
         ctx.bwd_s = bwd_s
         ctx.save_for_backward(x, w)
-        time.sleep(fwd_s)
-        return x * w
+        y = x * w
+        _sleep_until(_work(t0, fwd_s))
+        return y
 
     @staticmethod
     def backward(ctx, g):
+        t0 = time.perf_counter()
         x, w = ctx.saved_tensors
         # needs_input_grad is fixed at forward time; which branch this backward
         # pass (all, inputs only, weights only) reaches is what autograd's own
         # nodes check (torch.utils.checkpoint asks the engine the same way).
         want = [n is not None and torch._C._will_engine_execute_node(n) for n, _ in ctx.next_functions[:2]]
-        gx = gw = None
-        if want[0]:
-            time.sleep(ctx.bwd_s / 2)
-            gx = g * w
-        if want[1]:
-            time.sleep(ctx.bwd_s / 2)
-            gw = (g * x).sum().reshape(w.shape)
-        return gx, gw, None, None
+        gx = g * w if want[0] else None
+        gw = (g * x).sum().reshape(w.shape) if want[1] else None
+        # The halves' cost ends the autograd pass (after this stage's own nodes below this one).
+        _work(t0, sum(want) * ctx.bwd_s / 2)
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: _sleep_until(_BOOKED[0]))
+        return gx, gw, None, None, None
 
 
 class SleepModule(nn.Module):
@@ -78,10 +100,11 @@ class SleepModule(nn.Module):
         self.w = nn.Parameter(torch.ones(1))
 
     def forward(self, x):
+        t0 = time.perf_counter()
         if self.first:  # a stage of several layers computes activation grads inside it: both halves, like every stage
             x = x.detach().requires_grad_(True)
         # (x * 1, w * 1): autograd.grad (torch's split backward) cannot ask the engine about leaves
-        return _SleepLinear.apply(x * 1.0, self.w * 1.0, self.fwd_s, self.bwd_s)
+        return _SleepLinear.apply(x * 1.0, self.w * 1.0, self.fwd_s, self.bwd_s, t0)
 
 
 class SleepStage:
@@ -114,7 +137,7 @@ def _timed(run, steps: int) -> float:
 
 
 def _omnitrain(name, rank, p, m, fwd_s, bwd_s, v, steps, kib):
-    s = sched.build(name, p, m, v if name == "interleaved_1f1b" else 1)
+    s = sched.build(name, p, m, _virtual(name, v))
     k = s.num_stages // p  # chunks per rank: each does 1/k of the rank's work
     stages = {
         st: SleepStage(SleepModule(fwd_s / k, bwd_s / k, st == 0), st == 0, st == s.num_stages - 1, kib)
@@ -127,8 +150,7 @@ def _omnitrain(name, rank, p, m, fwd_s, bwd_s, v, steps, kib):
             run_pipeline(
                 s.actions[rank],
                 stages,
-                prev_rank=(rank - 1) % p,
-                next_rank=(rank + 1) % p,
+                rank_of=s.rank_of,
                 num_microbatches=m,
                 num_stages=s.num_stages,
             )
@@ -182,12 +204,17 @@ def _worker(names, torch_names, m, fwd_s, bwd_s, v, steps, kib):
     return out
 
 
+def _virtual(name: str, v: int) -> int:
+    """Stages per rank: v for interleaved 1F1B, 2 for ZBV (a V), else 1."""
+    return v if name == "interleaved_1f1b" else 2 if name == "zbv" else 1
+
+
 def _ideal(name: str, p: int, m: int, f: float, b: float, v: int) -> tuple[float, float]:
     """(step time, bubble fraction) the simulator predicts for these costs, without communication.
 
     The first stage sends no input grads: a split backward runs all of it in W.
     """
-    s = sched.build(name, p, m, v if name == "interleaved_1f1b" else 1)
+    s = sched.build(name, p, m, _virtual(name, v))
     k = s.num_stages // p
     share = [1.0 if st == 0 else 0.5 for st in range(s.num_stages)]
     r = sched.simulate(s, fwd=f / k, bwd=b / k, weight_share=share)
@@ -208,7 +235,7 @@ def main() -> None:
     ap.add_argument("--virtual-stages", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--kib", type=int, default=64, help="activations per micro-batch (p2p: <= 64 KiB in one message)")
-    ap.add_argument("--schedules", default="gpipe,1f1b,interleaved_1f1b,zero_bubble")
+    ap.add_argument("--schedules", default="gpipe,1f1b,interleaved_1f1b,zero_bubble,zbv")
     ap.add_argument(
         "--torch-schedules",
         default="1f1b,interleaved_zb,zbv",
@@ -236,21 +263,22 @@ def main() -> None:
         measured = res[f"torch_{name}"]
         bubble = _bubble(measured, a.p, a.m, f, b)
         print(f"torch {name:11s} p={a.p} m={a.m}: step {measured * 1e3:6.1f} ms, bubble {bubble:.3f}")
-    ours = {"1f1b": "1f1b", "gpipe": "gpipe", "interleaved_zb": "zero_bubble", "zbv": "zero_bubble"}
+    ours = {"1f1b": "1f1b", "gpipe": "gpipe", "interleaved_zb": "zero_bubble", "zbv": "zbv"}
     ratios = {}
     for name in torch_names:
         if ours[name] in res:
             ratios[name] = res[ours[name]][0] / res[f"torch_{name}"]
             print(f"omnitrain {ours[name]} over torch {name}: {ratios[name]:.3f}")
-    if "1f1b" in bubbles and "zero_bubble" in bubbles:
-        print(
-            f"zero_bubble bubble over 1f1b's: {bubbles['zero_bubble'] / bubbles['1f1b']:.3f} (target <= 0.5; "
-            f"simulated without latency {ideal_bubbles['zero_bubble'] / ideal_bubbles['1f1b']:.3f}; "
-            f"over ideal: zero_bubble {(res['zero_bubble'][0] - _ideal('zero_bubble', a.p, a.m, f, b, 1)[0]) * 1e3:.0f} ms, "
-            f"1f1b {(res['1f1b'][0] - _ideal('1f1b', a.p, a.m, f, b, 1)[0]) * 1e3:.0f} ms)"
-        )
+    for zb in ("zero_bubble", "zbv"):
+        if "1f1b" in bubbles and zb in bubbles:
+            over = {n: (res[n][0] - _ideal(n, a.p, a.m, f, b, a.virtual_stages)[0]) * 1e3 for n in (zb, "1f1b")}
+            print(
+                f"{zb} bubble over 1f1b's: {bubbles[zb] / bubbles['1f1b']:.3f} (target <= 0.5; "
+                f"simulated without latency {ideal_bubbles[zb] / ideal_bubbles['1f1b']:.3f}; "
+                f"over ideal: {zb} {over[zb]:.0f} ms, 1f1b {over['1f1b']:.0f} ms)"
+            )
     # machine-readable last lines
-    for name in ("1f1b", "zero_bubble"):
+    for name in ("1f1b", "zero_bubble", "zbv"):
         if name in bubbles:
             print(f"bubble_{name}={bubbles[name]:.4f}")
     if "1f1b" in ratios:

@@ -1,6 +1,7 @@
 """Validation (data.eval, train.eval_every): the eval loss is forward only,
-the same batches every time, logged to metrics.jsonl; under pp2 (forward
-through the pipeline) it equals the single process's."""
+the same batches every time, logged to metrics.jsonl; under pp2 and under
+ZBV's V of 4 stages on 2 ranks (forward through the pipeline) it equals the
+single process's."""
 
 from __future__ import annotations
 
@@ -14,6 +15,12 @@ from omnitrain import launch
 from omnitrain.config import ConfigError, validate
 from omnitrain.train.worker import worker
 from test_resume import PP2, _cfg, _loader
+
+# Two stages per rank in a V: rank 0 runs the encoders (stage 0) and the head (stage 3).
+PP2_ZBV = [
+    "parallel=pp2", "parallel.pp.schedule=zbv", "parallel.pp.virtual_stages=2",
+    "parallel.pp.layers.vision=[4,0,0,0]", "parallel.pp.layers.audio=[2,2,0,0]", "parallel.pp.layers.llm=[0,1,2,1]",
+]
 
 # Validation samples: other kinds and positions than the training stream's.
 EVAL_KINDS = [dict(text=30), dict(image=(1, 4, 8), text=12), dict(audio=240, text=10)]
@@ -30,14 +37,16 @@ def _run(tmp_path, name, layout):
     return rows, [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_eval_loss_pp2_equals_single_and_is_logged(tmp_path):
+def test_eval_loss_pp2_and_zbv_equal_single_and_is_logged(tmp_path):
     single, logged = _run(tmp_path, "single", ["parallel=single"])
-    pp2, _ = _run(tmp_path, "pp2", PP2)
     ev = [r["eval_loss"] for r in single]
     assert len(ev) == 2 and ev[0] != ev[1]  # evaluated after each step, the model changed between
     assert [r["eval_tokens"] for r in single][0] > 0
-    for a, b in zip([r["eval_loss"] for r in pp2], ev):
-        assert abs(a - b) / abs(b) < 1e-5, (pp2, single)
+    for name, layout in (("pp2", PP2), ("zbv", PP2_ZBV)):
+        rows, _ = _run(tmp_path, name, layout)
+        for key in ("eval_loss", "loss"):
+            for a, b in zip([r[key] for r in rows], [r[key] for r in single], strict=True):
+                assert abs(a - b) / abs(b) < 1e-5, (name, key, rows, single)
     rows = [r for r in logged if "eval_loss" in r]
     assert [r["step"] for r in rows] == [1, 2] and [r["eval_loss"] for r in rows] == pytest.approx(ev)
     # training losses are untouched by the evaluation in between

@@ -55,6 +55,13 @@ def test_interleaved_virtual_stages():
     assert [x.rank for x in s] == [0, 1, 2, 3, 0, 1, 2, 3] and s[7].head and s[1].merge
 
 
+def test_zbv_places_stages_in_a_v():
+    layers = {"vision": [32] + [0] * 7, "audio": [32] + [0] * 7, "llm": [0] + even_split(28, 7)}
+    s = plan(layers, schedule="zbv", v=2)
+    # rank r holds stages r and 7 - r: the loss (stage 7) on rank 0, the turn (3 -> 4) on rank 3
+    assert [x.rank for x in s] == [0, 1, 2, 3, 3, 2, 1, 0] and s[7].head and s[1].merge
+
+
 # One test per rule, asserting the message names the key and the fix.
 
 
@@ -120,6 +127,8 @@ def test_rule_missing_and_unknown_modules():
 
 def test_rule_schedule_and_virtual_stages():
     bad(r"parallel\.pp\.schedule='zb': use one of gpipe, 1f1b, interleaved_1f1b", HETERO, schedule="zb")
-    bad(r"parallel\.pp\.virtual_stages=2 needs parallel\.pp\.schedule=interleaved_1f1b", HETERO, v=2)
+    bad(r"parallel\.pp\.virtual_stages=2 needs parallel\.pp\.schedule=interleaved_1f1b or zbv", HETERO, v=2)
+    bad(r"parallel\.pp\.schedule=zbv runs two stages per rank in a V: set parallel\.pp\.virtual_stages=2", HETERO, schedule="zbv")
+    bad(r"parallel\.pp\.schedule=zbv needs at least parallel\.pp\.size=4 micro-batches", {k: v + v for k, v in HETERO.items()} | {"llm": [0, 4, 3, 3, 3, 3, 3, 9]}, schedule="zbv", v=2, m=3)
     bad(r"interleaved_1f1b needs parallel\.pp\.virtual_stages >= 2", HETERO, schedule="interleaved_1f1b")
     bad(r"parallel\.pp\.size=0: must be >= 1", HETERO, pp=0)

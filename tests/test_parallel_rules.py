@@ -81,6 +81,8 @@ def test_dp_mode_and_world():
         _check("parallel.dp_mode=zero3")
     with pytest.raises(ConfigError, match=r"schedule=zero_bubble with parallel.dp_mode=fsdp: .* use parallel.dp_mode=replicate"):
         _check("parallel=pp2", "parallel.dp=2", "parallel.dp_mode=fsdp", "parallel.pp.schedule=zero_bubble", "train.global_batch_size=8")
+    with pytest.raises(ConfigError, match=r"schedule=zbv with parallel.dp_mode=fsdp: .* use parallel.dp_mode=replicate"):
+        _check("parallel=pp4_zbv", "parallel.dp=2", "parallel.dp_mode=fsdp", "train.global_batch_size=8")
     assert world_size_for(compose_cfg(["parallel=pp2_tp2"])) == 4
     assert world_size_for(compose_cfg(["parallel=fsdp4"])) == 4
     assert world_size_for(compose_cfg(["parallel=tp2", "parallel.dp=2"])) == 4

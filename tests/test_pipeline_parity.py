@@ -43,6 +43,15 @@ LAYOUTS = {
     "encoders_with_llm": ["parallel=pp2", "parallel.pp.layers.llm=[3,25]"],
     "dp2": ["parallel=dp2"],
     "pp2_dp2": ["parallel=pp2", "parallel.dp=2"],
+    # two stages per rank in a V: rank 0 holds the encoders and the head, rank 1 the V's turn
+    "zbv": [
+        "parallel=pp2",
+        "parallel.pp.schedule=zbv",
+        "parallel.pp.virtual_stages=2",
+        "parallel.pp.layers.vision=[32,0,0,0]",
+        "parallel.pp.layers.audio=[16,16,0,0]",
+        "parallel.pp.layers.llm=[0,4,12,12]",
+    ],
     "interleaved": [
         "parallel=pp2",
         "parallel.pp.schedule=interleaved_1f1b",

@@ -71,7 +71,7 @@ class ModelConfig:
 @dataclass
 class PPConfig:
     size: int = 1
-    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b
+    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | zero_bubble | zbv (virtual_stages=2)
     # One list per module, one entry per stage; null = everything on one stage.
     # Typed Any: OmegaConf cannot merge `parallel.pp.layers={...}` into a null
     # typed dict node; validate_layout checks the lists instead.

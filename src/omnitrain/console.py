@@ -31,7 +31,8 @@ def header(cfg, family, plans, world_size: int) -> str:
         for plan in plans:
             held = [f"{m} {r.start}-{r.stop - 1}" for m, r in plan.layers.items() if len(r)]
             extras = [k for k in ("merge", "head") if getattr(plan, k)]
-            lines.append(f"  stage {plan.index}: " + ", ".join(held + extras))
+            on = f" (rank {plan.rank})" if len(plans) > p.pp.size else ""  # virtual stages: which rank runs it
+            lines.append(f"  stage {plan.index}{on}: " + ", ".join(held + extras))
     lines.append(
         f"train: {t.steps} steps of {t.global_batch_size} samples (micro-batches of {t.micro_batch_size}), "
         f"{t.dtype}, data {cfg.data.name}"

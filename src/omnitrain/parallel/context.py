@@ -161,11 +161,11 @@ def check_layout(cfg, family=None) -> list[StagePlan]:
             )
     check_encoder_tp(sizes)
     check_ep(cfg, family, sizes)
-    if cfg.parallel.dp_mode == "fsdp" and cfg.parallel.pp.schedule == "zero_bubble":
+    if cfg.parallel.dp_mode == "fsdp" and cfg.parallel.pp.schedule in ("zero_bubble", "zbv"):
         # FSDP reduce-scatters (and frees) a unit's grads in hooks that assume
         # one backward per forward; a split backward would reduce before W.
         raise ConfigError(
-            "parallel.pp.schedule=zero_bubble with parallel.dp_mode=fsdp: FSDP reduces a unit's grads in its "
+            f"parallel.pp.schedule={cfg.parallel.pp.schedule} with parallel.dp_mode=fsdp: FSDP reduces a unit's grads in its "
             "backward hooks, before the schedule's separate weight-grad pass; use parallel.dp_mode=replicate "
             "or parallel.pp.schedule=1f1b"
         )
@@ -499,8 +499,7 @@ class ParallelContext:
         res = run_pipeline(
             plan.actions[self.pp_rank],
             stages,
-            prev_rank=(self.pp_rank - 1) % self.pp_size if self.num_stages > 1 else None,
-            next_rank=(self.pp_rank + 1) % self.pp_size if self.num_stages > 1 else None,
+            rank_of=plan.rank_of,
             group=self.pp_group,
             num_microbatches=m,
             num_stages=self.num_stages,
@@ -531,21 +530,27 @@ class ParallelContext:
         loss sums on the last stage (zero elsewhere, for reduce_loss)."""
         from omnitrain.pipeline import p2p
 
-        owner = {sp.index: self.pp_rank for sp in self.stage_plans}
+        from omnitrain.pipeline.schedule import placement_of, stage_rank
+
         mine = {sp.index: _Stage(trainer, sp, micro_batches, num_label_tokens) for sp in self.stage_plans}
+        rank_of = functools.partial(stage_rank, num_ranks=self.pp_size, placement=placement_of(self.schedule))
         loss = torch.zeros(())
         for i in range(len(micro_batches)):
+            out = {}
             for s in range(self.num_stages):
-                if s not in owner:
+                if s not in mine:
                     continue
                 inputs = {}
-                if s > 0:
-                    _, inputs = p2p.recv_bundle((self.pp_rank - 1) % self.pp_size, group=self.pp_group, device=trainer.dev)
+                if s > 0:  # from this rank's previous stage (the turn of a V) or the rank before
+                    prev = rank_of(s - 1)
+                    inputs = out if prev == self.pp_rank else p2p.recv_bundle(prev, group=self.pp_group, device=trainer.dev)[1]
                 out = mine[s].forward(i, inputs)
                 if s == self.num_stages - 1:
                     loss += out.detach().float().cpu()
+                elif rank_of(s + 1) != self.pp_rank:
+                    p2p.send_bundle(out, rank_of(s + 1), group=self.pp_group, key=(i, s, 0), device=trainer.dev)
                 else:
-                    p2p.send_bundle(out, (self.pp_rank + 1) % self.pp_size, group=self.pp_group, key=(i, s, 0), device=trainer.dev)
+                    out = {k: v.detach() for k, v in out.items()}
         return loss
 
 

@@ -11,9 +11,10 @@ placeholders, positions) -> LLM layers -> norm + head + loss.
 So an encoder's layers must sit no later than the stage that holds LLM layer 0,
 and the last stage must hold LLM layers.
 
-With `virtual_stages` v > 1 (interleaved 1F1B) the lists have pp.size x v
-entries, one per virtual stage in pipeline order; virtual stage i runs on rank
-i % pp.size.
+With `virtual_stages` v > 1 the lists have pp.size x v entries, one per
+virtual stage in pipeline order. Interleaved 1F1B runs virtual stage i on
+rank i % pp.size; ZBV (v = 2) in a V: stage i < pp.size on rank i, stage
+pp.size + j on rank pp.size - 1 - j (`pipeline.schedule.stage_rank`).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from omnitrain.config import ConfigError
+from omnitrain.pipeline.schedule import placement_of, stage_rank
 
 LLM = "llm"  # the decoder module's name in every family
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "zbv")
 
 _KEY = "parallel.pp.layers"
 
@@ -97,9 +99,14 @@ def _check_schedule(pp_size: int, m: int, schedule: str, v: int) -> None:
             "parallel.pp.schedule=interleaved_1f1b needs parallel.pp.virtual_stages >= 2 "
             "(with 1 it is plain 1f1b: use parallel.pp.schedule=1f1b)"
         )
-    if schedule != "interleaved_1f1b" and v != 1:
+    if schedule == "zbv" and v != 2:
         raise ConfigError(
-            f"parallel.pp.virtual_stages={v} needs parallel.pp.schedule=interleaved_1f1b "
+            f"parallel.pp.schedule=zbv runs two stages per rank in a V: set parallel.pp.virtual_stages=2 (got {v}) "
+            "and give parallel.pp.layers lists of 2 x parallel.pp.size entries"
+        )
+    if schedule not in ("interleaved_1f1b", "zbv") and v != 1:
+        raise ConfigError(
+            f"parallel.pp.virtual_stages={v} needs parallel.pp.schedule=interleaved_1f1b or zbv "
             f"(got {schedule}): set virtual_stages=1 or change the schedule"
         )
     if m < 1:
@@ -222,5 +229,6 @@ def validate_layout(
             start[mod] += c[s]
         pre = frozenset(m for m, h in holders.items() if h and s == h[0])
         post = frozenset(m for m, h in holders.items() if h and s == h[-1])
-        plans.append(StagePlan(index=s, rank=s % pp_size, num_stages=n, layers=rngs, pre=pre, post=post, decoder=LLM))
+        rank = stage_rank(s, pp_size, placement_of(schedule))
+        plans.append(StagePlan(index=s, rank=rank, num_stages=n, layers=rngs, pre=pre, post=post, decoder=LLM))
     return plans

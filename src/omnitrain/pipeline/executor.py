@@ -36,7 +36,7 @@ import functools
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -175,26 +175,24 @@ class _Mailbox:
             )
 
 
-def _expected(actions: Sequence[Action], num_stages: int, prev_rank, next_rank, me: int) -> dict[int, int]:
+def _expected(actions: Sequence[Action], num_stages: int, rank_of, me: int) -> dict[int, int]:
     """Bundles this rank receives from each peer in one step (implied by its actions)."""
     count: dict[int, int] = {}
     for a in actions:  # W receives nothing
-        if a.op == "F" and a.stage > 0:
-            count[prev_rank] = count.get(prev_rank, 0) + 1
-        elif a.op == "B" and a.stage < num_stages - 1:
-            count[next_rank] = count.get(next_rank, 0) + 1
-    count.pop(me, None)
+        got = _recv_of(a, num_stages, rank_of)
+        if got is not None and got[0] != me:
+            count[got[0]] = count.get(got[0], 0) + 1
     return count
 
 
-def _recv_of(a: Action | None, num_stages: int, prev_rank, next_rank) -> tuple[int, p2p.Key] | None:
+def _recv_of(a: Action | None, num_stages: int, rank_of) -> tuple[int, p2p.Key] | None:
     """(peer, key) of the bundle action `a` must receive first, if any."""
     if a is None:
         return None
     if a.op == "F" and a.stage > 0:
-        return prev_rank, (ACT, a.mb, a.stage)
+        return rank_of(a.stage - 1), (ACT, a.mb, a.stage)
     if a.op == "B" and a.stage < num_stages - 1:
-        return next_rank, (GRAD, a.mb, a.stage)
+        return rank_of(a.stage + 1), (GRAD, a.mb, a.stage)
     return None
 
 
@@ -229,8 +227,7 @@ def run_pipeline(
     actions: Sequence[Action],
     stage: Stage | Mapping[int, Stage],
     *,
-    prev_rank: int | None,
-    next_rank: int | None,
+    rank_of: Callable[[int], int] | None = None,
     group=None,
     num_microbatches: int,
     num_stages: int | None = None,
@@ -242,9 +239,10 @@ def run_pipeline(
     """Run this rank's `actions` for one step.
 
     `stage` is the rank's stage object, or {stage index: object} when it holds
-    several (interleaved). `prev_rank`/`next_rank` are the group ranks of the
-    neighbouring stages (None at the ends). `num_stages` defaults to the
-    group size (one stage per rank). `prefetch` (default: on CPU) receives
+    several (interleaved, ZBV). `rank_of(stage)` is the group rank that runs a
+    stage (`Schedule.rank_of`; default: stage s on rank s % group size), so
+    each stage has its own neighbours (a V's second chunk sends to the rank
+    before). `num_stages` defaults to the group size (one stage per rank). `prefetch` (default: on CPU) receives
     in background threads. Without it, `batch_p2p` (default: with one stage
     per rank) posts each send together with the receive the next action needs.
     Batching is limited to one stage per rank: the stages then form a line
@@ -266,6 +264,9 @@ def run_pipeline(
     if prefetch is None:
         prefetch = omnitrain_device.is_cpu(device)
     me = dist.get_rank(group)
+    if rank_of is None:
+        world = dist.get_world_size(group)
+        rank_of = lambda st: st % world  # noqa: E731
     if batch_p2p is None:
         batch_p2p = num_stages == dist.get_world_size(group)
     if batch_p2p and not prefetch and group not in _BATCH_READY:
@@ -273,7 +274,7 @@ def run_pipeline(
         # batch_isend_irecv contract); one barrier makes it an all-rank op.
         dist.barrier(group=group)
         _BATCH_READY.add(group)
-    box = _Mailbox(group, device, _expected(actions, num_stages, prev_rank, next_rank, me), prefetch, batch_p2p)
+    box = _Mailbox(group, device, _expected(actions, num_stages, rank_of, me), prefetch, batch_p2p)
     saved: dict[tuple[int, int], tuple[dict, object]] = {}
     losses: dict[int, torch.Tensor] = {}
     fwd_s = {s: 0.0 for s in stages}
@@ -289,15 +290,18 @@ def run_pipeline(
             if not hasattr(obj, "parameters"):
                 raise TypeError(f"pipeline: stage {st} has no parameters(), which a split-backward schedule needs")
             params[st] = [p for p in obj.parameters() if p.requires_grad]
-    pending_w: dict[tuple[int, int], object] = {}  # (mb, stage) -> runs its W
+    pending_w: dict[tuple[int, int], object] = {}  # (mb, stage) -> WeightWork, or a callable (a plain W)
+    fused_until = 0  # actions before this index already ran (a run of W's in one call)
 
     for i, a in enumerate(actions):
+        if i < fused_until:
+            continue
         s, mb = a.stage, a.mb
         first, last = s == 0, s == num_stages - 1
-        then = _recv_of(actions[i + 1] if i + 1 < len(actions) else None, num_stages, prev_rank, next_rank)
+        then = _recv_of(actions[i + 1] if i + 1 < len(actions) else None, num_stages, rank_of)
         # Each branch: receive, compute between t0 and t1 (the timed part), send.
         if a.op == "F":
-            inputs = {} if first else box.recv(prev_rank, (ACT, mb, s))
+            inputs = {} if first else box.recv(rank_of(s - 1), (ACT, mb, s))
             t0, c0 = time.perf_counter(), clock()
             out = stages[s].forward(mb, inputs)
             t1, c1 = time.perf_counter(), clock()
@@ -311,38 +315,51 @@ def run_pipeline(
             else:
                 if not isinstance(out, Mapping):
                     raise TypeError(f"pipeline: stage {s} must return a dict of tensors, got {type(out).__name__}")
-                box.send(dict(out), next_rank, (ACT, mb, s + 1), then)
+                box.send(dict(out), rank_of(s + 1), (ACT, mb, s + 1), then)
             saved[(mb, s)] = (inputs, out)
         elif a.op == "B":
             inputs, out = saved.pop((mb, s))
-            grads = None if last else box.recv(next_rank, (GRAD, mb, s))
+            grads = None if last else box.recv(rank_of(s + 1), (GRAD, mb, s))
             t0, c0 = time.perf_counter(), clock()
             if split and first:  # no input grads to send: W is the whole (plain) backward
                 pending_w[(mb, s)] = functools.partial(_backward, out, grads)
             elif split:  # input grads only; the graph stays for W
-                work = split_backward.backward_input(
+                pending_w[(mb, s)] = split_backward.backward_input(
                     *_autograd_roots(out, grads), [v for v in inputs.values() if v.requires_grad], params[s]
                 )
-                pending_w[(mb, s)] = functools.partial(split_backward.backward_weight, work)
-                del work
             else:
                 _backward(out, grads)
             t1, c1 = time.perf_counter(), clock()
             bwd_s[s] += c1 - c0
             if not first:
                 back = _input_grads(inputs)
-                box.send(back, prev_rank, (GRAD, mb, s - 1), then)
+                box.send(back, rank_of(s - 1), (GRAD, mb, s - 1), then)
                 del back
             del inputs, out, grads  # free this micro-batch's activations now (split: those W does not need)
         elif a.op == "W":
-            if (mb, s) not in pending_w:
-                raise RuntimeError(f"pipeline: {a} runs before its B")
-            run_w = pending_w.pop((mb, s))
+            # A run of W's (nobody waits for them) goes to autograd in one call:
+            # the per-call host cost is paid once (split_backward.backward_weights).
+            fused_until = i + 1
+            while fused_until < len(actions) and actions[fused_until].op == "W":
+                fused_until += 1
+            run = actions[i:fused_until]
+            early = [w for w in run if (w.mb, w.stage) not in pending_w]
+            if early:
+                raise RuntimeError(f"pipeline: {early[0]} runs before its B")
+            jobs = [pending_w.pop((w.mb, w.stage)) for w in run]
             t0, c0 = time.perf_counter(), clock()
-            run_w()
+            split_backward.backward_weights([j for j in jobs if isinstance(j, split_backward.WeightWork)])
+            for j in jobs:
+                if callable(j):
+                    j()
             t1, c1 = time.perf_counter(), clock()
-            bwd_s[s] += c1 - c0
-            del run_w  # frees the micro-batch's graph
+            del jobs  # frees the micro-batches' graphs
+            for k, w in enumerate(run):  # the call's time, shared evenly by its W's
+                bwd_s[w.stage] += (c1 - c0) / len(run)
+                d = (t1 - t0) / len(run)
+                timeline.append((t0 + k * d - t_start, t0 + (k + 1) * d - t_start, w))
+            wall_busy += t1 - t0
+            continue
         else:
             raise ValueError(f"pipeline: unknown action {a}")
         timeline.append((t0 - t_start, t1 - t_start, a))

@@ -16,9 +16,12 @@ what `omnitrain.pipeline.executor` does:
   Messages that arrive before they are needed are kept, so the order of
   messages on one link does not matter.
 
-Stage s runs on rank s % num_ranks: with one stage per rank that is rank s;
-with v virtual stages per rank (interleaved 1F1B) rank r holds stages
-r, r + p, ..., r + (v-1) p (the looping placement of Megatron-LM).
+Stage s runs on rank `stage_rank(s, num_ranks, placement)`: with one stage
+per rank that is rank s; with v virtual stages per rank (interleaved 1F1B)
+rank r holds stages r, r + p, ..., r + (v-1) p (the looping placement of
+Megatron-LM); ZBV places two stages per rank in a V: rank r holds stages r
+and 2p - 1 - r, so the last stage (the loss) sits on rank 0 next to the first
+and the turn from stage p - 1 to stage p stays on rank p - 1.
 
 `simulate` replays a schedule under exactly those rules, finds deadlocks, and
 reports the timeline and the peak number of micro-batches whose activations a
@@ -28,6 +31,8 @@ weight-backwarded: W needs them) - the memory a schedule costs.
 
 from __future__ import annotations
 
+import functools
+import itertools
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
@@ -41,6 +46,21 @@ class Action(NamedTuple):
         return f"{self.op}{self.mb}@{self.stage}"
 
 
+PLACEMENTS = ("loop", "v")
+
+
+def placement_of(schedule: str) -> str:
+    """How a schedule puts its stages on ranks: "v" for ZBV, else "loop"."""
+    return "v" if schedule == "zbv" else "loop"
+
+
+def stage_rank(stage: int, num_ranks: int, placement: str = "loop") -> int:
+    """The rank that runs `stage`."""
+    if placement == "v":
+        return stage if stage < num_ranks else 2 * num_ranks - 1 - stage
+    return stage % num_ranks
+
+
 @dataclass(frozen=True)
 class Schedule:
     name: str
@@ -48,12 +68,13 @@ class Schedule:
     num_stages: int
     num_microbatches: int
     actions: tuple[tuple[Action, ...], ...]  # one list per rank, in execution order
+    placement: str = "loop"
 
     def rank_of(self, stage: int) -> int:
-        return stage % self.num_ranks
+        return stage_rank(stage, self.num_ranks, self.placement)
 
     def stages_of(self, rank: int) -> list[int]:
-        return list(range(rank, self.num_stages, self.num_ranks))
+        return [s for s in range(self.num_stages) if self.rank_of(s) == rank]
 
     @property
     def splits_backward(self) -> bool:
@@ -193,6 +214,110 @@ def zero_bubble(p: int, m: int) -> Schedule:
     return Schedule("zero_bubble", p, p, m, tuple(tuple(a) for a in acts))
 
 
+@functools.lru_cache(maxsize=64)  # built every step; replaying the rules takes ms
+def zbv(p: int, m: int) -> Schedule:
+    """ZBV (Qi et al., "Pipeline Parallelism with Controllable Memory"): two
+    chunks per rank in a V, the backward split into B and W.
+
+    Rank r holds stages r and 2p - 1 - r (`stage_rank`, placement "v"), each
+    half of a rank's layers. The V's turn (stage p - 1 to p) stays on rank
+    p - 1 and the loss sits on rank 0, which starts every micro-batch, so the
+    warm-up costs (p - 1) chunk forwards: half ZB-H1's, whose last rank waits
+    (p - 1) whole-stage forwards. The lower bound with unit chunk costs is
+    6m + p - 1 (the last rank's work after its first input).
+
+    The order is a list schedule: the ranks are replayed in time with unit
+    chunk costs (F = B = W) and the executor's one asymmetry (the first stage
+    has no input grads to send: its B is empty, its W the whole backward).
+    A free rank runs a ready B or F by a priority rule, else a pending W. A
+    new micro-batch enters a rank only while it holds at most p started ones
+    (counted until their last W): the peak is 2p + 2 half-stage activations,
+    one micro-batch more than 1F1B's first rank; with p the order waits for
+    memory (2 chunk forwards more on the bench's p = 4, m = 8). No single rule
+    is best for every (p, m), so the few rules below are each replayed and
+    the shortest order kept (a pure function still); on those costs it meets
+    the bound for most p <= 8, m <= 16 and is never slower than ZB-H1 (tests).
+    """
+    _check_sizes(p, m)
+    best = None
+    for rule in itertools.product((False, True), repeat=3):
+        s = _zbv_order(p, m, *rule)
+        r = simulate(s, fwd=1.0, bwd=2.0, weight_share=[1.0] + [0.5] * (2 * p - 1))
+        key = (r.makespan, max(r.peak_in_flight))
+        if best is None or key < best[0]:
+            best = (key, s)
+    return best[1]
+
+
+def _zbv_order(p: int, m: int, f_second_first: bool, b_second_first: bool, first_w_later: bool) -> Schedule:
+    """One ZBV list schedule (see `zbv`). Priority of a ready action: B before
+    F, the second chunk's F before the first's (its micro-batch is already
+    inside), older micro-batches first; `f_second_first` puts the second
+    chunk's F before every B, `b_second_first` the second chunk's B before
+    the first's; `first_w_later` defers the first stage's W like the others
+    (else it runs right after its empty B, freeing the activations)."""
+    n = 2 * p
+    chunks = [(r, n - 1 - r) for r in range(p)]
+    clock = [0] * p
+    done: dict[Action, int] = {}  # F/B action -> end time
+    acts: list[list[Action]] = [[] for _ in range(p)]
+    nf = [[0, 0] for _ in range(p)]  # per rank and chunk: micro-batches forwarded
+    nb = [[0, 0] for _ in range(p)]  # ... and backwarded
+    freed = [0] * p  # W's run: each frees one chunk activation
+    pending: list[list[Action]] = [[] for _ in range(p)]  # B's whose W has not run
+    total = 6 * m  # actions per rank
+
+    def cost(a: Action) -> int:
+        if a.stage == 0 and a.op != "F":
+            return 0 if a.op == "B" else 2
+        return 1
+
+    def priority(op: str, c: int, mb: int) -> tuple:
+        if op == "B":
+            return (f_second_first, -c if b_second_first else c, mb)
+        return (0 if f_second_first and c else 1 if c else 2, 0, mb)
+
+    while any(len(a) < total for a in acts):
+        r = min((k for k in range(p) if len(acts[k]) < total), key=lambda k: clock[k])
+        t = clock[r]
+        ready, later = [], []
+        for c, st in enumerate(chunks[r]):
+            for op, k in (("B", nb[r][c]), ("F", nf[r][c])):
+                if k >= m or (op == "B" and k >= nf[r][c]):
+                    continue
+                if op == "F" and c == 0 and 2 * nf[r][0] - freed[r] > 2 * p:  # p + 1 micro-batches started
+                    continue
+                a = Action(op, k, st)
+                dep = _needs(a, n)
+                at = t if dep is None else done.get(dep)
+                if at is not None and at <= t:
+                    ready.append((priority(op, c, k), a))
+                elif at is not None:
+                    later.append(at)
+        if ready:
+            a = min(ready)[1]
+            c = int(a.stage != chunks[r][0])
+            acts[r].append(a)
+            clock[r] = done[a] = t + cost(a)
+            if a.op == "F":
+                nf[r][c] += 1
+                continue
+            nb[r][c] += 1
+            pending[r].append(a)
+            if a.stage != 0 or first_w_later:
+                continue
+        if pending[r]:  # nothing ready (or the first stage's empty B just ran): a weight-grad pass
+            b = pending[r].pop() if ready else pending[r].pop(0)  # the first stage's just-run B, else the oldest
+            w = Action("W", b.mb, b.stage)
+            acts[r].append(w)
+            clock[r] += cost(w)
+            freed[r] += 1
+        else:  # idle until an awaited message, or until another rank moves on
+            later += [clock[k] for k in range(p) if k != r and len(acts[k]) < total and clock[k] > t]
+            clock[r] = min(later) if later else t + 1
+    return Schedule("zbv", p, n, m, tuple(tuple(a) for a in acts), placement="v")
+
+
 def build(name: str, num_ranks: int, num_microbatches: int, virtual_stages: int = 1) -> Schedule:
     if name == "gpipe":
         return gpipe(num_ranks, num_microbatches)
@@ -202,7 +327,11 @@ def build(name: str, num_ranks: int, num_microbatches: int, virtual_stages: int 
         return interleaved_1f1b(num_ranks, num_microbatches, virtual_stages)
     if name == "zero_bubble":
         return zero_bubble(num_ranks, num_microbatches)
-    raise ValueError(f"unknown pipeline schedule {name!r}: use gpipe, 1f1b, interleaved_1f1b or zero_bubble")
+    if name == "zbv":
+        if virtual_stages not in (1, 2):
+            raise ValueError(f"zbv runs 2 stages per rank, got virtual_stages={virtual_stages}")
+        return zbv(num_ranks, num_microbatches)
+    raise ValueError(f"unknown pipeline schedule {name!r}: use gpipe, 1f1b, interleaved_1f1b, zero_bubble or zbv")
 
 
 # --------------------------------------------------------------------------- simulator

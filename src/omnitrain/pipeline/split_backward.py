@@ -139,25 +139,41 @@ def _accumulate(params: list[torch.Tensor], grads) -> None:
 
 def backward_weight(work: WeightWork) -> None:
     """W: accumulate the grads of B's `params` into .grad; frees nothing itself (drop `work` after)."""
-    for node, params in work.groups:
-        got = work.captured.get(node)
-        if got is None:  # no grad reached the node in B: nothing for its parameters
-            continue
-        edges = [(GradientEdge(node, i), g) for i, g in enumerate(got) if g is not None]
-        if not edges:
-            continue
-        grads = torch.autograd.grad(
-            [e for e, _ in edges], params, grad_outputs=[g for _, g in edges], retain_graph=True, allow_unused=True
-        )
-        _accumulate(params, grads)
-    for idx, params in work.root_groups:
-        grads = torch.autograd.grad(
-            [work.roots[i] for i in idx],
-            params,
-            grad_outputs=[work.root_grads[i] for i in idx],
-            retain_graph=True,
-            allow_unused=True,
-        )
-        _accumulate(params, grads)
-    if work.plain:
-        torch.autograd.backward(work.roots, work.root_grads, inputs=work.plain, retain_graph=True)
+    backward_weights([work])
+
+
+def backward_weights(works: list[WeightWork]) -> None:
+    """Several W's run back to back (a schedule often has runs of them) with
+    one engine call per parameter group instead of one per group and W: the
+    per-call host cost is paid once, and a parameter gets the sum over the
+    micro-batches. Only boundaries of the same parameters share a call: they
+    lie in different micro-batches' graphs, so a root cannot reach another's
+    parameters (two boundaries of one graph could: a later layer's node leads
+    down to an earlier layer's weights)."""
+    calls: dict[tuple, tuple[list, list, list]] = {}  # param ids -> (params, edges, grads)
+    for work in works:
+        for node, ps in work.groups:
+            got = work.captured.get(node)
+            if got is None:  # no grad reached the node in B: nothing for its parameters
+                continue
+            _, edges, grads = calls.setdefault(tuple(id(p) for p in ps), (ps, [], []))
+            for i, g in enumerate(got):
+                if g is not None:
+                    edges.append(GradientEdge(node, i))
+                    grads.append(g)
+    for ps, edges, grads_out in calls.values():
+        if edges:
+            grads = torch.autograd.grad(edges, ps, grad_outputs=grads_out, retain_graph=True, allow_unused=True)
+            _accumulate(ps, grads)
+    for work in works:
+        for idx, ps in work.root_groups:
+            grads = torch.autograd.grad(
+                [work.roots[i] for i in idx],
+                ps,
+                grad_outputs=[work.root_grads[i] for i in idx],
+                retain_graph=True,
+                allow_unused=True,
+            )
+            _accumulate(ps, grads)
+        if work.plain:
+            torch.autograd.backward(work.roots, work.root_grads, inputs=work.plain, retain_graph=True)

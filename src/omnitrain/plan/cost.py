@@ -314,6 +314,10 @@ def in_flight(schedule: str, pp: int, m: int, rank: int, v: int = 1) -> int:
         return m if pp > 1 else 1
     if schedule == "interleaved_1f1b":
         return min(interleaved_warmup(pp, m, v, rank) + 1, m * v)
+    if schedule == "zero_bubble":  # W's wait on later ranks too: every rank holds up to min(m, p)
+        return min(m, pp)
+    if schedule == "zbv":  # chunk activations, at most p + 1 micro-batches' (pipeline.schedule.zbv)
+        return min(2 * m, 2 * (pp + 1))
     return min(m, pp - rank)
 
 
