@@ -216,8 +216,9 @@ def zero_bubble(p: int, m: int) -> Schedule:
 
 @functools.lru_cache(maxsize=64)  # built every step; replaying the rules takes ms
 def zbv(p: int, m: int) -> Schedule:
-    """ZBV (Qi et al., "Pipeline Parallelism with Controllable Memory"): two
-    chunks per rank in a V, the backward split into B and W.
+    """ZBV (ZB-V of Qi et al.'s zero-bubble pipeline work; torch's
+    ScheduleZBVZeroBubble): two chunks per rank in a V, the backward split
+    into B and W.
 
     Rank r holds stages r and 2p - 1 - r (`stage_rank`, placement "v"), each
     half of a rank's layers. The V's turn (stage p - 1 to p) stays on rank
