@@ -175,3 +175,38 @@ def test_zbv_meets_the_lower_bound_on_the_bench_costs():
     o = simulate(one_f_one_b(p, m), fwd=f, bwd=b)
     frac = lambda r: 1 - m * (f + b) / r.makespan  # noqa: E731  (the bench's bubble)
     assert frac(z) / frac(o) < 0.22
+
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_schedule.py"
+    spec = importlib.util.spec_from_file_location("bench_schedule", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_stage_costs_are_booked_on_one_serial_device():
+    # The bench's stages cost wall time from their start; several micro-batches'
+    # weight halves run in one autograd call (the executor's W runs) still cost
+    # one half each, back to back.
+    import time
+
+    import torch
+
+    bench = _bench()
+    f, b = 0.004, 0.008
+    mod = bench.SleepModule(f, b)
+    xs = [torch.ones(2, 3, requires_grad=True) for _ in range(2)]
+    t0 = time.perf_counter()
+    ys = [mod(x) for x in xs]
+    assert time.perf_counter() - t0 >= 2 * f
+    t0 = time.perf_counter()
+    torch.autograd.grad([y.sum() for y in ys], xs, retain_graph=True)  # input halves only
+    assert time.perf_counter() - t0 >= 2 * b / 2
+    t0 = time.perf_counter()
+    (gw,) = torch.autograd.grad([y.sum() for y in ys], [mod.w])  # both weight halves, one call
+    assert time.perf_counter() - t0 >= 2 * b / 2
+    assert gw.item() == sum(x.sum().item() for x in xs)  # d(sum x * w)/dw
