@@ -111,11 +111,11 @@ class SleepStage:
     """The executor's stage protocol around a SleepModule."""
 
     def __init__(self, module: SleepModule, first: bool, last: bool, kib: int):
-        self.module, self.first, self.last, self.kib = module, first, last, kib
+        self.module, self.first, self.last = module, first, last
+        self.x = torch.zeros(kib, 256)  # the first stage's input: made once, as torch's schedules get theirs
 
     def forward(self, mb, inputs):
-        x = torch.zeros(self.kib, 256) if self.first else inputs["h"]  # the "activations" sent on
-        y = self.module(x)
+        y = self.module(self.x if self.first else inputs["h"])  # the "activations" sent on
         return y.sum() if self.last else {"h": y}
 
     def parameters(self):
