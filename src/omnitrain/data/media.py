@@ -85,7 +85,7 @@ def _rgb(frame) -> np.ndarray:
     """An av VideoFrame -> (h, w, 3) uint8.
 
     Not `frame.to_ndarray(format="rgb24")`: PyAV keeps one swscale context per
-    thread, by default with a slice thread per CPU. A process that forks
+    thread, since PyAV 17 by default with a slice thread per CPU. A process that forks
     after a conversion (a sweep's single-process job, then a multi-process
     one) leaves the child that context without its threads, and the child's
     next conversion waits for them forever. Here each process (and thread)
@@ -98,7 +98,11 @@ def _rgb(frame) -> np.ndarray:
     r = _REFORMATTERS.get(key)
     if r is None:
         r = _REFORMATTERS[key] = VideoReformatter()
-    return r.reformat(frame, format="rgb24", threads=1).to_ndarray()
+    try:
+        out = r.reformat(frame, format="rgb24", threads=1)
+    except TypeError:  # PyAV < 17 has no `threads`: its reformatting is single-threaded
+        out = r.reformat(frame, format="rgb24")
+    return out.to_ndarray()
 
 
 def _frame_samples(frame) -> np.ndarray:
