@@ -16,7 +16,7 @@ import json
 import pytest
 
 import _synth
-from _layouts import check_parity, run_layout, run_layouts, selected
+from _layouts import check_parity, run_layout, run_layouts, selected, worst_tensor
 from conftest import compose_cfg
 from omnitrain.models.family import build_family
 
@@ -108,7 +108,7 @@ def _resume_step3(name, run, ref):
     losses, _, params = run
     ref_losses, _, ref_params = ref[0]
     assert len(losses) == 1 and abs(losses[0] - ref_losses[-1]) <= 1e-5 * abs(ref_losses[-1]), (name, losses, ref_losses)
-    worst = max((float((params[k] - ref_params[k]).norm() / ref_params[k].norm().clamp_min(1e-5)), k) for k in ref_params)  # as check_parity
+    worst = worst_tensor(params, ref_params)  # as check_parity
     assert params.keys() == ref_params.keys() and worst[0] < 1e-5, (name, worst)
     print(f"\nqwen3_omni {name}: step-3 loss {abs(losses[0] - ref_losses[-1]) / abs(ref_losses[-1]):.1e}, worst tensor {worst[0]:.1e} ({worst[1]})")
 
