@@ -65,3 +65,28 @@ def test_label_policy(tmp_path, opts, present, absent):
         assert a not in labelled, (opts, labelled)
     full = tok.decode(s["input_ids"])
     assert full.startswith("<|im_start|>system\n" + opts.get("system", "You are a helpful assistant."))
+
+
+def _decode_in_child(path, out):
+    clip = load_video(path, fps=2.0, max_frames=8)
+    out.put(clip.frames.shape[0])
+
+
+def test_video_decodes_in_a_process_forked_after_decoding(tmp_path):
+    # A sweep runs its single-process job in the launching process, then forks
+    # the next job's workers: PyAV's per-thread swscale context (slice threads)
+    # was inherited without its threads and the child's first frame hung forever.
+    import multiprocessing as mp
+
+    path = str(write_video(tmp_path / "v.mp4", seconds=2.0, fps=10, audio_sr=None))  # encoding converts too
+    assert load_video(path, fps=2.0, max_frames=8).frames.shape[0] == 4
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_decode_in_child, args=(path, out))
+    child.start()
+    child.join(60)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+    assert not hung and child.exitcode == 0, "a forked process hangs decoding video"
+    assert out.get(timeout=5) == 4

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from _layouts import check_parity, run_layout
+from _layouts import check_parity, run_layout, run_layouts, selected
 
 STEPS, GLOBAL, MICRO = 3, 8, 2
 
@@ -33,6 +33,12 @@ LAYOUTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def runs(request, tmp_path_factory):
+    """The selected layouts, one launch per process count (_layouts.run_layouts)."""
+    return run_layouts(tmp_path_factory.mktemp("layouts"), selected(request, LAYOUTS), steps=STEPS, global_batch=GLOBAL, micro=MICRO)
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_single_process(tmp_path, reference, name):
-    check_parity(_run(tmp_path, name, LAYOUTS[name]), reference, STEPS, name, tensor_tol=1e-4)  # see check_parity
+def test_layout_matches_single_process(runs, reference, name):
+    check_parity(runs[name], reference, STEPS, name, tensor_tol=1e-4)  # see check_parity

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _layouts import check_parity, run_layout
+from _layouts import check_parity, run_layout, run_layouts, selected
 from _layouts import rel as _rel
 
 STEPS, GLOBAL = 3, 6
@@ -63,25 +63,40 @@ LAYOUTS = {
 }
 
 
+FROZEN = ["model.trainable.vision=false"]
+
+
+@pytest.fixture(scope="module")
+def runs(request, tmp_path_factory):
+    """The selected layouts (and the frozen pp4 and micro-batch-3 runs if their
+    tests are selected), one launch per process count (_layouts.run_layouts): each as alone."""
+    extra = {"pp4_frozen": ["parallel=pp4_hetero", *FROZEN], "micro3_dp2": (["parallel=dp2"], {"micro": 3})}
+    by_test = {"test_frozen_vision_stage_gets_a_noop_optimizer": ["pp4_frozen"], "test_micro_batch_size_does_not_change_the_step": ["micro3_dp2"]}
+    needs = lambda test, params: by_test.get(test, [params.get("name")])  # noqa: E731
+    layouts = selected(request, {**LAYOUTS, **extra}, needs)
+    return run_layouts(tmp_path_factory.mktemp("layouts"), layouts, steps=STEPS, global_batch=GLOBAL)
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_single_process(tmp_path, reference, name):
-    check_parity(_run(tmp_path, name, LAYOUTS[name]), reference, STEPS, name)
+def test_layout_matches_single_process(runs, reference, name):
+    check_parity(runs[name], reference, STEPS, name)
 
 
-def test_micro_batch_size_does_not_change_the_step(tmp_path, reference):
+def test_micro_batch_size_does_not_change_the_step(runs, reference):
     # Padded batches of 2 or 3 change the kernels' shapes (rounding), so only
     # the losses are compared here; the layouts above use one sample per micro-batch.
-    losses, _, _ = _run(tmp_path, "micro3_dp2", ["parallel=dp2"], micro=3)
+    losses, _, _ = runs["micro3_dp2"]
+    assert len(losses) == STEPS, losses
     for a, b in zip(losses, reference[0]):
         assert abs(a - b) / abs(b) < REL
 
 
-def test_frozen_vision_stage_gets_a_noop_optimizer(tmp_path):
+def test_frozen_vision_stage_gets_a_noop_optimizer(tmp_path, runs):
     # pp4_hetero puts only vision on stage 0: frozen, that stage owns no
     # trainable parameter and must still run its part of every step.
-    frozen = ["model.trainable.vision=false"]
-    ref_losses, _, ref_params = _run(tmp_path, "single_frozen", ["parallel=single", *frozen])
-    losses, _, params = _run(tmp_path, "pp4_frozen", ["parallel=pp4_hetero", *frozen])
+    ref_losses, _, ref_params = _run(tmp_path, "single_frozen", ["parallel=single", *FROZEN])
+    losses, _, params = runs["pp4_frozen"]
+    assert len(losses) == len(ref_losses) == STEPS, (losses, ref_losses)
     for a, b in zip(losses, ref_losses):
         assert abs(a - b) / abs(b) < REL
     vision = [k for k in ref_params if k.startswith("model.visual.")]

@@ -16,18 +16,21 @@ import json
 import pytest
 
 import _synth
-from _layouts import check_parity, run_layout
+from _layouts import check_parity, run_layout, run_layouts, selected, worst_tensor
 from conftest import compose_cfg
 from omnitrain.models.family import build_family
 
 STEPS, GLOBAL, MICRO = 3, 8, 2  # 4 micro-batches: 2 per dp rank under dp2, 1F1B's least over 2 stages
 
 
+def _rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] if (out / "metrics.jsonl").exists() else []
+
+
 def _run(tmp, model, name, overrides, kinds):
     out = tmp / name
     run = run_layout(out, [f"model={model}", *overrides], steps=STEPS, global_batch=GLOBAL, micro=MICRO, kinds=kinds)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] if (out / "metrics.jsonl").exists() else []
-    return run, rows
+    return run, _rows(out)
 
 
 def _check(run, reference, name, model, tp=False):
@@ -76,35 +79,55 @@ def omni_ref(tmp):
     return ref
 
 
+VL_LAYOUTS = {"vl_pp2": VL_PP2, "vl_tp2": ["parallel=tp2"]}
+NEEDS = {"test_qwen3_omni_ep_checkpoints_reshard_both_ways": ["fsdp4_ep2", "single_to_ep2"], "test_qwen3_vl_pp2_and_tp2": list(VL_LAYOUTS)}
+
+
+@pytest.fixture(scope="module")
+def runs(request, tmp):
+    """Every selected multi-process run of both families, one launch per
+    process count (_layouts.run_layouts): each as alone, in tmp/<name>, with
+    its metric rows. single_to_ep2 resumes the reference's step 2."""
+    omni = {n: ["model=qwen3_omni", *ov, *OMNI] for n, ov in OMNI_LAYOUTS.items()}
+    omni["single_to_ep2"] = ["model=qwen3_omni", "parallel=dp2", *EP2, f"train.resume={tmp}/single/checkpoints/step_2", *OMNI]
+    vl = {n: (["model=qwen3_vl", *ov, *VL], {"kinds": _synth.KINDS_Q3_VL}) for n, ov in VL_LAYOUTS.items()}
+    layouts = selected(request, {**omni, **vl}, lambda test, params: NEEDS.get(test, [params.get("name")]))
+    if "single_to_ep2" in layouts:
+        request.getfixturevalue("omni_ref")  # its step-2 checkpoint first
+    done = run_layouts(tmp, layouts, steps=STEPS, global_batch=GLOBAL, micro=MICRO, kinds=_synth.KINDS_Q3_OMNI)
+    return {n: (run, _rows(tmp / n)) for n, run in done.items()}
+
+
 @pytest.mark.parametrize("name", list(OMNI_LAYOUTS))
-def test_qwen3_omni_layouts(tmp, omni_ref, name):
-    _check(_run(tmp, "qwen3_omni", name, [*OMNI_LAYOUTS[name], *OMNI], _synth.KINDS_Q3_OMNI), omni_ref, name, "qwen3_omni", tp="tp" in name)
+def test_qwen3_omni_layouts(runs, omni_ref, name):
+    _check(runs[name], omni_ref, name, "qwen3_omni", tp="tp" in name)
 
 
-def _resume_step3(tmp, name, ckpt, overrides, ref):
-    """Step 3 from `ckpt` under `overrides` equals the reference's step 3."""
-    losses, _, params = run_layout(
-        tmp / name, ["model=qwen3_omni", *overrides, f"train.resume={ckpt}", *OMNI],
-        steps=STEPS, global_batch=GLOBAL, micro=MICRO, kinds=_synth.KINDS_Q3_OMNI,
-    )
+def _resume_step3(name, run, ref):
+    """`run`, step 3 resumed from a step-2 checkpoint, equals the reference's step 3."""
+    losses, _, params = run
     ref_losses, _, ref_params = ref[0]
     assert len(losses) == 1 and abs(losses[0] - ref_losses[-1]) <= 1e-5 * abs(ref_losses[-1]), (name, losses, ref_losses)
-    worst = max((float((params[k] - ref_params[k]).norm() / ref_params[k].norm().clamp_min(1e-5)), k) for k in ref_params)  # as check_parity
+    worst = worst_tensor(params, ref_params)  # as check_parity
     assert params.keys() == ref_params.keys() and worst[0] < 1e-5, (name, worst)
     print(f"\nqwen3_omni {name}: step-3 loss {abs(losses[0] - ref_losses[-1]) / abs(ref_losses[-1]):.1e}, worst tensor {worst[0]:.1e} ({worst[1]})")
 
 
-def test_qwen3_omni_ep_checkpoints_reshard_both_ways(tmp, omni_ref):
+def test_qwen3_omni_ep_checkpoints_reshard_both_ways(tmp, runs, omni_ref):
     """The fsdp4 x ep2 run's step-2 DCP checkpoint (experts saved as (edp, ep)
     shards) resumes single-process for step 3, and the single run's step-2
     checkpoint resumes under dp2 x ep2."""
-    if not (tmp / "fsdp4_ep2" / "checkpoints" / "step_2").exists():
-        test_qwen3_omni_layouts(tmp, omni_ref, "fsdp4_ep2")
-    _resume_step3(tmp, "fsdp4_ep2_to_single", tmp / "fsdp4_ep2" / "checkpoints" / "step_2", ["parallel=single"], omni_ref)
-    _resume_step3(tmp, "single_to_ep2", tmp / "single" / "checkpoints" / "step_2", ["parallel=dp2", *EP2], omni_ref)
+    assert runs["fsdp4_ep2"][0][0]  # its checkpoints are written
+    ckpt = tmp / "fsdp4_ep2" / "checkpoints" / "step_2"
+    to_single = run_layout(
+        tmp / "fsdp4_ep2_to_single", ["model=qwen3_omni", "parallel=single", f"train.resume={ckpt}", *OMNI],
+        steps=STEPS, global_batch=GLOBAL, micro=MICRO, kinds=_synth.KINDS_Q3_OMNI,
+    )
+    _resume_step3("fsdp4_ep2_to_single", to_single, omni_ref)
+    _resume_step3("single_to_ep2", runs["single_to_ep2"][0], omni_ref)
 
 
-def test_qwen3_vl_pp2_and_tp2(tmp):
+def test_qwen3_vl_pp2_and_tp2(tmp, runs):
     ref = _run(tmp, "qwen3_vl", "vl_single", ["parallel=single", *VL], _synth.KINDS_Q3_VL)
-    _check(_run(tmp, "qwen3_vl", "vl_pp2", [*VL_PP2, *VL], _synth.KINDS_Q3_VL), ref, "pp2", "qwen3_vl")
-    _check(_run(tmp, "qwen3_vl", "vl_tp2", ["parallel=tp2", *VL], _synth.KINDS_Q3_VL), ref, "tp2", "qwen3_vl", tp=True)
+    _check(runs["vl_pp2"], ref, "pp2", "qwen3_vl")
+    _check(runs["vl_tp2"], ref, "tp2", "qwen3_vl", tp=True)

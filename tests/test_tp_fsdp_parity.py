@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _layouts import check_parity
+from _layouts import check_parity, run_layouts, selected
 from _layouts import run_layout as _run_layout
 
 STEPS, GLOBAL = 3, 4
@@ -44,19 +44,29 @@ LAYOUTS = {
 }
 
 
+BF16 = ["parallel=fsdp4", "parallel.dp=2", "parallel.fsdp.mixed_precision=bf16"]
+
+
+@pytest.fixture(scope="module")
+def runs(request, tmp_path_factory):
+    """The selected layouts (and the bf16 run if its test is selected), run by
+    one launch per process count (_layouts.run_layouts): each as alone."""
+    needs = lambda test, params: ["fsdp2_bf16"] if "bf16" in test else [params.get("name")]  # noqa: E731
+    layouts = selected(request, {**LAYOUTS, "fsdp2_bf16": BF16}, needs)
+    return run_layouts(tmp_path_factory.mktemp("layouts"), layouts, steps=STEPS, global_batch=GLOBAL)
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_single_process(tmp_path, reference, name):
+def test_layout_matches_single_process(runs, reference, name):
     tensor_tol = 1e-4 if "tp" in name else 1e-5  # see check_parity
-    check_parity(run_layout(tmp_path, name, LAYOUTS[name]), reference, STEPS, name, tensor_tol=tensor_tol)
+    check_parity(runs[name], reference, STEPS, name, tensor_tol=tensor_tol)
 
 
-def test_fsdp_bf16_mixed_precision_trains_close_to_fp32(tmp_path, reference):
+def test_fsdp_bf16_mixed_precision_trains_close_to_fp32(runs, reference):
     # bf16 gathers and computes (8 mantissa bits), fp32 master weights and
     # grad reduction: close to the fp32 run, not equal (measured 5e-5 on the
     # losses, 6e-3 on grad norms), and the kept parameters stay fp32.
-    losses, norms, params = run_layout(
-        tmp_path, "fsdp2_bf16", ["parallel=fsdp4", "parallel.dp=2", "parallel.fsdp.mixed_precision=bf16"]
-    )
+    losses, norms, params = runs["fsdp2_bf16"]
     ref_losses, ref_norms, ref_params = reference
     for a, b in zip(losses, ref_losses):
         assert abs(a - b) / abs(b) < 1e-3

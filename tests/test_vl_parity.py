@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import _synth
-from _layouts import check_parity, rel, run_layout
+from _layouts import check_parity, rel, run_layout, run_layouts, selected
 from conftest import compose_cfg
 from omnitrain.models.family import build_family
 
@@ -54,18 +54,6 @@ def reference(tmp):
     return run
 
 
-# Runs whose checkpoints the reshard tests resume from: shared, module-scoped.
-@pytest.fixture(scope="module")
-def pp4(tmp):
-    return tmp / "pp4", _run(tmp, "qwen25_vl", "pp4", ["parallel=vl7b_pp4", "train.save_every=2"])
-
-
-@pytest.fixture(scope="module")
-def tp2(tmp):
-    # parallel=tp2: the vision tower tp2 too (fused qkv per third), the LLM tp2
-    return tmp / "tp2", _run(tmp, "qwen25_vl", "tp2", ["parallel=tp2", "train.save_every=2"])
-
-
 LAYOUTS = {
     "pp2": ["parallel=vl7b_pp2"],
     "fsdp4": ["parallel=fsdp4"],  # one micro-batch per replica: dummy media where a peer has some
@@ -73,6 +61,50 @@ LAYOUTS = {
     # vision tp1 x 2 parts (each encodes one sample of a micro-batch) beside the LLM's tp2
     "vision_tp1_llm_tp2": ["parallel=tp2", "parallel.tp={vision: 1, llm: 2}"],
 }
+QWEN2 = {"pp2": ["parallel=vl7b_pp2"], "tp2": ["parallel=tp2"]}
+# Runs whose step-2 checkpoints the reshard tests resume from
+SAVED = {
+    "pp4": ["parallel=vl7b_pp4", "train.save_every=2"],
+    # parallel=tp2: the vision tower tp2 too (fused qkv per third), the LLM tp2
+    "tp2": ["parallel=tp2", "train.save_every=2"],
+}
+# test -> the runs of `runs` it uses (else its parameter: a layout name)
+NEEDS = {
+    "test_qwen25_pp4": ["pp4"], "test_qwen25_tp2": ["tp2"], "test_qwen25_tp2_checkpoint_holds_hf_layout": ["tp2"],
+    "test_qwen25_single_checkpoint_resumes_under_tp2": ["single_to_tp2"],
+}
+
+
+def _needs(test, params):
+    if test in NEEDS:
+        return NEEDS[test]
+    if "saved" in params:
+        return [params["saved"]]
+    return [("qwen2_" if test.startswith("test_qwen2_") else "") + str(params.get("name"))]
+
+
+@pytest.fixture(scope="module")
+def runs(request, tmp):
+    """Every selected multi-process run of both families (Qwen2-VL's named
+    qwen2_<layout>), one launch per process count (_layouts.run_layouts): each
+    as alone, in tmp/<name>. single_to_tp2 resumes the reference's step 2."""
+    layouts = {**{n: ["model=qwen25_vl", *ov] for n, ov in {**LAYOUTS, **SAVED}.items()},
+               **{f"qwen2_{n}": ["model=qwen2_vl", *ov] for n, ov in QWEN2.items()},
+               "single_to_tp2": ["model=qwen25_vl", "parallel=tp2", f"train.resume={tmp}/single/checkpoints/step_2"]}
+    layouts = selected(request, layouts, _needs)
+    if "single_to_tp2" in layouts:
+        request.getfixturevalue("reference")  # its step-2 checkpoint first
+    return run_layouts(tmp, layouts, steps=STEPS, global_batch=GLOBAL, micro=MICRO, kinds=_synth.KINDS_VL)
+
+
+@pytest.fixture(scope="module")
+def pp4(tmp, runs):
+    return tmp / "pp4", runs["pp4"]
+
+
+@pytest.fixture(scope="module")
+def tp2(tmp, runs):
+    return tmp / "tp2", runs["tp2"]
 
 
 def test_qwen25_pp4(reference, pp4):
@@ -84,8 +116,8 @@ def test_qwen25_tp2(reference, tp2):
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_qwen25_layout_matches_single_process(tmp_path, reference, name):
-    _check(_run(tmp_path, "qwen25_vl", name, LAYOUTS[name]), reference, name, "qwen25_vl", tp="tp" in name)
+def test_qwen25_layout_matches_single_process(runs, reference, name):
+    _check(runs[name], reference, name, "qwen25_vl", tp="tp" in name)
 
 
 @pytest.mark.parametrize("saved", ["pp4", "tp2"])
@@ -103,10 +135,10 @@ def test_qwen25_checkpoint_resumes_as_one_process(tmp_path, request, saved):
     print(f"\n{saved} step 2 -> single step 3: loss {abs(resumed[0] - losses[2]) / abs(losses[2]):.1e}, worst tensor {worst[0]:.1e} ({worst[1]})")
 
 
-def test_qwen25_single_checkpoint_resumes_under_tp2(tmp, tmp_path, reference):
+def test_qwen25_single_checkpoint_resumes_under_tp2(runs, reference):
     # One process's step 2 loads into the TP ranks' shards (fused qkv per third).
     losses, norms, params = reference
-    resumed, r_norms, r_params = _run(tmp_path, "qwen25_vl", "tp2", ["parallel=tp2", f"train.resume={tmp}/single/checkpoints/step_2"])
+    resumed, r_norms, r_params = runs["single_to_tp2"]
     assert len(resumed) == 1
     assert abs(resumed[0] - losses[2]) / abs(losses[2]) < RESHARD_REL, (resumed, losses)
     assert abs(r_norms[0] - norms[2]) / abs(norms[2]) < 1e-5, (r_norms, norms)
@@ -135,7 +167,6 @@ def reference2(tmp):
     return _run(tmp, "qwen2_vl", "single2", ["parallel=single"])
 
 
-@pytest.mark.parametrize("name", ["pp2", "tp2"])
-def test_qwen2_layout_matches_single_process(tmp_path, reference2, name):
-    overrides = {"pp2": ["parallel=vl7b_pp2"], "tp2": ["parallel=tp2"]}[name]
-    _check(_run(tmp_path, "qwen2_vl", name, overrides), reference2, name, "qwen2_vl", tp=name == "tp2")
+@pytest.mark.parametrize("name", list(QWEN2))
+def test_qwen2_layout_matches_single_process(runs, reference2, name):
+    _check(runs[f"qwen2_{name}"], reference2, name, "qwen2_vl", tp=name == "tp2")

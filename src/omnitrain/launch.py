@@ -181,6 +181,8 @@ def _launch_local(fn: Callable[..., Any], nprocs: int, args: tuple, timeout_s: f
     # a later launch (the next multirun job) starts from the same state.
     env_before = dict(os.environ)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
+    if start_method == "fork":
+        _import_for_workers()
     # Buffered output would otherwise be copied into every forked child.
     sys.stdout.flush()
     sys.stderr.flush()
@@ -210,6 +212,16 @@ def _launch_local(fn: Callable[..., Any], nprocs: int, args: tuple, timeout_s: f
                 del os.environ[k]
             os.environ.update(env_before)
     return results[0]
+
+
+def _import_for_workers() -> None:
+    """Import once, before forking, what every worker would otherwise import
+    on its own after the fork: DTensor and the device mesh, which imports
+    torch._dynamo (and sympy) lazily on its first sub-mesh. ~2 s of CPU per
+    worker, paid by each of N workers sharing the cores."""
+    import torch._dynamo  # noqa: F401
+    import torch.distributed.device_mesh  # noqa: F401
+    import torch.distributed.tensor  # noqa: F401
 
 
 def _worker_threads(nprocs: int) -> int:

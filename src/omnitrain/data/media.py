@@ -10,6 +10,8 @@ JIT-compiles for ~20 s on first use.
 from __future__ import annotations
 
 import math
+import os
+import threading
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -74,6 +76,33 @@ def load_audio(path: str, target_sr: int) -> np.ndarray:
     except Exception as e:
         raise _corrupt(path, "audio", e) from None
     return resample(wave, sr, target_sr)
+
+
+_REFORMATTERS: dict = {}  # (pid, thread) -> av VideoReformatter; see _rgb
+
+
+def _rgb(frame) -> np.ndarray:
+    """An av VideoFrame -> (h, w, 3) uint8.
+
+    Not `frame.to_ndarray(format="rgb24")`: PyAV keeps one swscale context per
+    thread, since PyAV 17 by default with a slice thread per CPU. A process that forks
+    after a conversion (a sweep's single-process job, then a multi-process
+    one) leaves the child that context without its threads, and the child's
+    next conversion waits for them forever. Here each process (and thread)
+    converts with its own single-threaded reformatter; one inherited over
+    fork is never touched (nor freed) in the child.
+    """
+    from av.video.reformatter import VideoReformatter
+
+    key = (os.getpid(), threading.get_ident())
+    r = _REFORMATTERS.get(key)
+    if r is None:
+        r = _REFORMATTERS[key] = VideoReformatter()
+    try:
+        out = r.reformat(frame, format="rgb24", threads=1)
+    except TypeError:  # PyAV < 17 has no `threads`: its reformatting is single-threaded
+        out = r.reformat(frame, format="rgb24")
+    return out.to_ndarray()
 
 
 def _frame_samples(frame) -> np.ndarray:
@@ -180,7 +209,7 @@ def load_video(
                     # Keep this frame for every target time it is the first to reach.
                     while k < len(targets) and t + tol >= targets[k]:
                         if not kept or times[-1] != t:
-                            rgb = frame.to_ndarray(format="rgb24")
+                            rgb = _rgb(frame)
                         kept.append(rgb)
                         times.append(t)
                         k += 1
@@ -197,7 +226,7 @@ def load_video(
             n = plan_frame_count(duration, fps, max_frames, min_frames, len(all_frames), multiple)
             pick = [min(int(i * len(all_frames) / n), len(all_frames) - 1) for i in range(n)]
             times = [all_frames[i][0] for i in pick]
-            kept = [all_frames[i][1].to_ndarray(format="rgb24") for i in pick]
+            kept = [_rgb(all_frames[i][1]) for i in pick]
         if not kept:
             raise DataError("video has no frames", file=path, reason="corrupt_media")
         # A duration longer than the real stream leaves targets unreached.
