@@ -17,12 +17,15 @@ too. Next to it: the executor's own idle share (what training logs as
 `bubble`; it books an overshooting sleep as compute). The same stages then run under
 torch.distributed.pipelining (Schedule1F1B, ScheduleInterleavedZeroBubble,
 ScheduleZBVZeroBubble with two half-cost chunks per rank; gloo) in the same
-processes, and omnitrain's step time over torch's is printed.
+processes, and omnitrain's step time over torch's is printed. Every schedule
+runs one step per round, in turn, so ratios are taken within a round (the
+same host state) and the median over rounds is printed.
 
-    python scripts/bench_schedule.py            # p=4, m=8, f=20 ms, b=40 ms
+    python scripts/bench_schedule.py            # p=4, m=8, f=20 ms, b=40 ms, 7 rounds
 
-Last lines: bubble_1f1b=, bubble_zero_bubble= (target: at most half of
-1F1B's), vs_torch_1f1b= (omnitrain's 1F1B step over torch's; target <= 1).
+Last lines: bubble_1f1b=, bubble_zero_bubble= (ZB-H1), bubble_zbv= (of the
+median steps); zero_bubble_over_1f1b=, zbv_over_1f1b= (bubble ratios, target
+at most 0.5); vs_torch_1f1b= (omnitrain's 1F1B step over torch's; target <= 1).
 """
 
 from __future__ import annotations
@@ -122,21 +125,18 @@ class SleepStage:
         return self.module.parameters()
 
 
-def _timed(run, steps: int) -> float:
-    """Median step time over `steps` (after one warm-up step), slowest rank's."""
-    times = []
-    for step in range(steps + 1):  # step 0 warms up connections
-        dist.barrier()
-        t0 = time.perf_counter()
-        run()
-        t = torch.tensor([time.perf_counter() - t0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the step ends when the slowest rank does
-        if step:
-            times.append(t.item())
-    return statistics.median(times)
+def _timed(run) -> float:
+    """One step's time, the slowest rank's (the step ends when the slowest rank does)."""
+    dist.barrier()
+    t0 = time.perf_counter()
+    run()
+    t = torch.tensor([time.perf_counter() - t0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
 
 
-def _omnitrain(name, rank, p, m, fwd_s, bwd_s, v, steps, kib):
+def _omnitrain(name, rank, p, m, fwd_s, bwd_s, v, kib):
+    """(step function, executor idle share of its steps so far) for one of omnitrain's schedules."""
     s = sched.build(name, p, m, _virtual(name, v))
     k = s.num_stages // p  # chunks per rank: each does 1/k of the rank's work
     stages = {
@@ -156,15 +156,17 @@ def _omnitrain(name, rank, p, m, fwd_s, bwd_s, v, steps, kib):
             )
         )
 
-    step = _timed(run, steps)
-    # The executor's bubble, as training logs it: the share of the step this
-    # rank spent outside forward/backward (waiting and communication), mean over ranks.
-    idle = torch.tensor([statistics.median(r.idle_s / r.total_s for r in res[1:])])
-    dist.all_reduce(idle)
-    return step, idle.item() / p
+    def idle():
+        # The executor's bubble, as training logs it: the share of the step this
+        # rank spent outside forward/backward (waiting and communication), mean over ranks.
+        t = torch.tensor([statistics.median(r.idle_s / r.total_s for r in res[1:])])
+        dist.all_reduce(t)
+        return t.item() / p
+
+    return run, idle
 
 
-def _torch(name, rank, p, m, fwd_s, bwd_s, steps, kib):
+def _torch(name, rank, p, m, fwd_s, bwd_s, kib):
     """The same stages under torch.distributed.pipelining (fixed shapes, which these are)."""
     from torch.distributed import pipelining as tp
 
@@ -190,16 +192,27 @@ def _torch(name, rank, p, m, fwd_s, bwd_s, steps, kib):
         kw = {"target": target, "losses": []} if last else {}
         schedule.step(*((x,) if first else ()), **kw)
 
-    return _timed(run, steps)
+    return run
 
 
 def _worker(names, torch_names, m, fwd_s, bwd_s, v, steps, kib):
+    """Every schedule's step times, the schedules taking turns step by step.
+
+    Round-robin, so that a change in the host's speed (this VM's varies by
+    the minute) hits every schedule alike and per-round ratios compare like
+    with like; round 0 warms up connections and is dropped.
+    """
     rank, p = launch.init_distributed(device.detect("cpu"), timeout_s=60)
-    out = {}
-    for name in names:
-        out[name] = _omnitrain(name, rank, p, m, fwd_s, bwd_s, v, steps, kib)
-    for name in torch_names:
-        out[f"torch_{name}"] = _torch(name, rank, p, m, fwd_s, bwd_s, steps, kib)
+    ours = {name: _omnitrain(name, rank, p, m, fwd_s, bwd_s, v, kib) for name in names}
+    runs = {name: run for name, (run, _) in ours.items()}
+    runs.update({f"torch_{name}": _torch(name, rank, p, m, fwd_s, bwd_s, kib) for name in torch_names})
+    times = {name: [] for name in runs}
+    for step in range(steps + 1):
+        for name, run in runs.items():
+            t = _timed(run)
+            if step:
+                times[name].append(t)
+    out = {"times": times, "idle": {name: idle() for name, (_, idle) in ours.items()}}
     launch.destroy()
     return out
 
@@ -233,7 +246,7 @@ def main() -> None:
     ap.add_argument("--fwd-ms", type=float, default=20)
     ap.add_argument("--bwd-ms", type=float, default=40)
     ap.add_argument("--virtual-stages", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=7, help="rounds (each schedule one step per round)")
     ap.add_argument("--kib", type=int, default=64, help="activations per micro-batch (p2p: <= 64 KiB in one message)")
     ap.add_argument("--schedules", default="gpipe,1f1b,interleaved_1f1b,zero_bubble,zbv")
     ap.add_argument(
@@ -248,39 +261,48 @@ def main() -> None:
     res = launch.launch(
         _worker, a.p, names, torch_names, a.m, f, b, a.virtual_stages, a.steps, a.kib, layout="bench_schedule"
     )
-    bubbles, ideal_bubbles = {}, {}
+    times = res["times"]
+    step = {name: statistics.median(t) for name, t in times.items()}
+
+    def paired(num, den):
+        """Per-round ratios of two series (same rounds, so the same host state): (median, min, max)."""
+        r = [x / y for x, y in zip(num, den)]
+        return statistics.median(r), min(r), max(r)
+
+    bubbles = {name: [_bubble(t, a.p, a.m, f, b) for t in times[name]] for name in names}
+    ideal_bubbles = {}
     for name in names:
-        measured, idle = res[name]
-        bubbles[name] = _bubble(measured, a.p, a.m, f, b)
-        ideal, ideal_bubble = _ideal(name, a.p, a.m, f, b, a.virtual_stages)
-        ideal_bubbles[name] = ideal_bubble
+        ideal, ideal_bubbles[name] = _ideal(name, a.p, a.m, f, b, a.virtual_stages)
         print(
-            f"{name:17s} p={a.p} m={a.m} {a.kib} KiB: step {measured * 1e3:6.1f} ms, ideal {ideal * 1e3:6.1f} ms, "
-            f"bubble {bubbles[name]:.3f} (ideal {ideal_bubble:.3f}; executor idle {idle:.3f}), "
-            f"schedule_efficiency={ideal / measured:.3f}"
+            f"{name:17s} p={a.p} m={a.m} {a.kib} KiB: step {step[name] * 1e3:6.1f} ms, ideal {ideal * 1e3:6.1f} ms, "
+            f"bubble {_bubble(step[name], a.p, a.m, f, b):.3f} (ideal {ideal_bubbles[name]:.3f}; "
+            f"executor idle {res['idle'][name]:.3f}), schedule_efficiency={ideal / step[name]:.3f}"
         )
     for name in torch_names:
-        measured = res[f"torch_{name}"]
-        bubble = _bubble(measured, a.p, a.m, f, b)
-        print(f"torch {name:11s} p={a.p} m={a.m}: step {measured * 1e3:6.1f} ms, bubble {bubble:.3f}")
+        bubble = _bubble(step[f"torch_{name}"], a.p, a.m, f, b)
+        print(f"torch {name:11s} p={a.p} m={a.m}: step {step[f'torch_{name}'] * 1e3:6.1f} ms, bubble {bubble:.3f}")
     ours = {"1f1b": "1f1b", "gpipe": "gpipe", "interleaved_zb": "zero_bubble", "zbv": "zbv"}
     ratios = {}
     for name in torch_names:
-        if ours[name] in res:
-            ratios[name] = res[ours[name]][0] / res[f"torch_{name}"]
-            print(f"omnitrain {ours[name]} over torch {name}: {ratios[name]:.3f}")
+        if ours[name] in times:
+            ratios[name], lo, hi = paired(times[ours[name]], times[f"torch_{name}"])
+            print(f"omnitrain {ours[name]} over torch {name}: {ratios[name]:.4f} (rounds {lo:.4f}-{hi:.4f})")
+    over_1f1b = {}
     for zb in ("zero_bubble", "zbv"):
         if "1f1b" in bubbles and zb in bubbles:
-            over = {n: (res[n][0] - _ideal(n, a.p, a.m, f, b, a.virtual_stages)[0]) * 1e3 for n in (zb, "1f1b")}
+            over_1f1b[zb], lo, hi = paired(bubbles[zb], bubbles["1f1b"])
+            over = {n: (step[n] - _ideal(n, a.p, a.m, f, b, a.virtual_stages)[0]) * 1e3 for n in (zb, "1f1b")}
             print(
-                f"{zb} bubble over 1f1b's: {bubbles[zb] / bubbles['1f1b']:.3f} (target <= 0.5; "
+                f"{zb} bubble over 1f1b's: {over_1f1b[zb]:.3f} (rounds {lo:.3f}-{hi:.3f}; target <= 0.5; "
                 f"simulated without latency {ideal_bubbles[zb] / ideal_bubbles['1f1b']:.3f}; "
                 f"over ideal: {zb} {over[zb]:.0f} ms, 1f1b {over['1f1b']:.0f} ms)"
             )
-    # machine-readable last lines
+    # machine-readable last lines: bubbles of the median steps, ratios the medians of per-round ratios
     for name in ("1f1b", "zero_bubble", "zbv"):
         if name in bubbles:
-            print(f"bubble_{name}={bubbles[name]:.4f}")
+            print(f"bubble_{name}={_bubble(step[name], a.p, a.m, f, b):.4f}")
+    for zb in over_1f1b:
+        print(f"{zb}_over_1f1b={over_1f1b[zb]:.4f}")
     if "1f1b" in ratios:
         print(f"vs_torch_1f1b={ratios['1f1b']:.4f}")
 
