@@ -1,6 +1,8 @@
 import pytest
 
 from omnitrain.pipeline.schedule import (
+    SCHEDULES,
+    SPLIT_BACKWARD,
     Action,
     DeadlockError,
     Schedule,
@@ -53,7 +55,11 @@ def test_stage_placement():
         build("zb", 4, 8)
     v = build("zbv", 4, 8, 2)
     assert v.num_stages == 8 and v.stages_of(0) == [0, 7] and v.stages_of(3) == [3, 4] and v.rank_of(5) == 2
-    assert build("zero_bubble", 4, 8).splits_backward and not build("1f1b", 4, 8).splits_backward
+    # SPLIT_BACKWARD (what config checks use) names exactly the schedules with W actions
+    for name in SCHEDULES:
+        assert build(name, 4, 8, 2 if name in ("interleaved_1f1b", "zbv") else 1).splits_backward == (
+            name in SPLIT_BACKWARD
+        ), name
 
 
 @pytest.mark.parametrize("p", PS)

@@ -27,6 +27,7 @@ from omnitrain.parallel.ep import is_expert_param
 from omnitrain.parallel.layout import StagePlan, validate_layout
 from omnitrain.parallel.mesh import LLM, Sizes, build_ep_mesh, build_mesh, build_part_mesh
 from omnitrain.parallel.tp import check_divisible as check_tp_divisible
+from omnitrain.pipeline import schedule as sched
 
 DP_MODES = ("replicate", "fsdp")
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def check_layout(cfg, family=None) -> list[StagePlan]:
             )
     check_encoder_tp(sizes)
     check_ep(cfg, family, sizes)
-    if cfg.parallel.dp_mode == "fsdp" and cfg.parallel.pp.schedule in ("zero_bubble", "zbv"):
+    if cfg.parallel.dp_mode == "fsdp" and cfg.parallel.pp.schedule in sched.SPLIT_BACKWARD:
         # FSDP reduce-scatters (and frees) a unit's grads in hooks that assume
         # one backward per forward; a split backward would reduce before W.
         raise ConfigError(
@@ -487,12 +488,15 @@ class ParallelContext:
         dist.all_reduce(loss)
         return loss
 
+    def _plan(self, num_microbatches: int) -> sched.Schedule:
+        """This step's schedule: every rank's actions, and where each stage runs."""
+        return sched.build(self.schedule, self.pp_size, num_microbatches, len(self.stage_plans))
+
     def run_pipeline(self, trainer, micro_batches: list[dict], num_label_tokens: int):
-        from omnitrain.pipeline import schedule as sched
         from omnitrain.pipeline.executor import run_pipeline
 
         m = len(micro_batches)
-        plan = sched.build(self.schedule, self.pp_size, m, len(self.stage_plans))
+        plan = self._plan(m)
         stages = {}
         for sp in self.stage_plans:
             stages[sp.index] = _Stage(trainer, sp, micro_batches, num_label_tokens)
@@ -530,10 +534,8 @@ class ParallelContext:
         loss sums on the last stage (zero elsewhere, for reduce_loss)."""
         from omnitrain.pipeline import p2p
 
-        from omnitrain.pipeline.schedule import placement_of, stage_rank
-
         mine = {sp.index: _Stage(trainer, sp, micro_batches, num_label_tokens) for sp in self.stage_plans}
-        rank_of = functools.partial(stage_rank, num_ranks=self.pp_size, placement=placement_of(self.schedule))
+        rank_of = self._plan(len(micro_batches)).rank_of
         loss = torch.zeros(())
         for i in range(len(micro_batches)):
             out = {}

@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from omnitrain.config import ConfigError
-from omnitrain.pipeline.schedule import placement_of, stage_rank
+from omnitrain.pipeline.schedule import SCHEDULES, placement_of, stage_rank
 
 LLM = "llm"  # the decoder module's name in every family
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "zbv")
 
 _KEY = "parallel.pp.layers"
 

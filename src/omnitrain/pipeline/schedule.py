@@ -47,6 +47,8 @@ class Action(NamedTuple):
 
 
 PLACEMENTS = ("loop", "v")
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "zbv")
+SPLIT_BACKWARD = ("zero_bubble", "zbv")  # those with separate weight-grad (W) actions: `Schedule.splits_backward`
 
 
 def placement_of(schedule: str) -> str:
@@ -332,7 +334,7 @@ def build(name: str, num_ranks: int, num_microbatches: int, virtual_stages: int 
         if virtual_stages not in (1, 2):
             raise ValueError(f"zbv runs 2 stages per rank, got virtual_stages={virtual_stages}")
         return zbv(num_ranks, num_microbatches)
-    raise ValueError(f"unknown pipeline schedule {name!r}: use gpipe, 1f1b, interleaved_1f1b, zero_bubble or zbv")
+    raise ValueError(f"unknown pipeline schedule {name!r}: use one of {', '.join(SCHEDULES)}")
 
 
 # --------------------------------------------------------------------------- simulator
