@@ -28,6 +28,11 @@ def test_cpu_detection_and_backend():
     assert device.backend_for(torch.device("cpu")) == info.backend
     auto = device.detect("auto")
     assert auto.backend == device.backend_for(auto)
+    # accelerators: host tensors (loss sums, dp counters) go to gloo on the same groups
+    for dev, lib in (("cuda", "nccl"), ("npu", "hccl")):
+        spec = device.backend_for(device.DeviceInfo(dev, ""))
+        assert spec == f"cpu:gloo,{dev}:{lib}"
+        assert torch.distributed.Backend(spec) == spec  # a string torch's init_process_group parses
 
 
 def test_bad_device_request_names_the_key():

@@ -13,6 +13,7 @@ import torch
 import _synth
 from data_fixtures.helpers import data_cfg, model_cfg, processor
 from omnitrain.data import DataError, balance, build_loader, packing
+from _dist import run_workers
 from omnitrain.models.family import LossNorm
 
 
@@ -122,6 +123,33 @@ def _loader(rank=0, dp=1, micro=2, global_bs=4, **kw):
                         global_batch_size=global_bs, dp_rank=rank, dp_size=dp)
 
 
+def _balanced_dp2(rank, world):
+    """One dp rank of data.balance over dp2 (the default group): what it trains
+    on, a rerun, a resume inside a step, and which samples it loaded."""
+    from omnitrain.data import dispatch
+    from omnitrain.data.dataset import ProcessedDataset
+
+    loaded, moved = [], []
+    get, swap = ProcessedDataset.__getitem__, dispatch.exchange_objects
+    ProcessedDataset.__getitem__ = lambda self, key: loaded.append(key) or get(self, key)
+
+    def counting(outgoing, *, group, rank):
+        got = swap(outgoing, group=group, rank=rank)
+        moved.extend(i for r, part in enumerate(got) if r != rank for i in part)
+        return got
+
+    dispatch.exchange_objects = counting
+    kw = dict(rank=rank, dp=world, micro=1, balance=True)
+    got = [_samples(mb) for mb in _take(_loader(packing=True, max_tokens=512, **kw), 4)]
+    keys = list(loaded)
+    again = [_samples(mb) for mb in _take(_loader(packing=True, max_tokens=512, **kw), 4)]
+    first = _loader(**kw)
+    _take(first, 3)
+    resumed = _loader(**kw)
+    resumed.load_state_dict(first.state_dict())
+    return got, keys, again, _samples(_take(resumed, 1)[0]), len(moved)
+
+
 def _samples(mb):
     """Each sample's tokens (packed or not), sorted: what a step trains on."""
     if "pack_index" in mb:
@@ -143,19 +171,20 @@ def test_loader_packs_and_balances_the_same_global_batches():
     assert [sorted(_samples(packed[0]) + _samples(packed[1])), sorted(_samples(packed[2]) + _samples(packed[3]))] == ref
     for mb_plain, mb_packed in zip(plain, packed):
         assert int((mb_plain["labels"][:, 1:] != -100).sum()) == int((mb_packed["labels"][:, 1:] != -100).sum())
-    # balanced over dp2: every sample of the step once, micro-batches of 2, the same on a rerun
-    ranks = [_take(_loader(rank=r, dp=2, micro=1, balance=True, packing=True, max_tokens=512), 4) for r in range(2)]
+    # balanced over dp2 (two processes swapping samples): every sample of the
+    # step once, the same on a rerun; each rank loaded only its own share
+    ranks = run_workers(_balanced_dp2, 2)
     for step in range(2):
-        got = sorted(s for r in range(2) for mb in ranks[r][2 * step : 2 * step + 2] for s in _samples(mb))
+        got = sorted(s for got, *_ in ranks for mb in got[2 * step : 2 * step + 2] for s in mb)
         assert got == ref[step]
-    again = _take(_loader(rank=1, dp=2, micro=1, balance=True, packing=True, max_tokens=512), 4)
-    assert [_samples(mb) for mb in again] == [_samples(mb) for mb in ranks[1]]
+    for got, keys, again, *_ in ranks:
+        assert again == got
+        assert len(keys) == 4  # two steps, two samples each: its unbalanced share, loaded once
+    assert not set(ranks[0][1]) & set(ranks[1][1])
+    assert sum(r[4] for r in ranks) > 0  # the swap ran: some samples trained on another rank than loaded them
     # a resume inside a step gets the rest of that step's micro-batches
-    first = _loader(rank=1, dp=2, micro=1, balance=True)
-    _take(first, 3)
-    resumed = _loader(rank=1, dp=2, micro=1, balance=True)
-    resumed.load_state_dict(first.state_dict())
-    assert _samples(_take(resumed, 1)[0]) == _samples(ranks[1][3])
+    for got, _, _, resumed, _ in ranks:
+        assert resumed == got[3]
 
 
 def test_loader_names_a_sample_too_long_to_pack():

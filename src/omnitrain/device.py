@@ -45,7 +45,7 @@ def _has_npu() -> bool:
 @dataclass(frozen=True)
 class DeviceInfo:
     type: str  # npu | cuda | cpu
-    backend: str  # hccl | nccl | gloo
+    backend: str  # gloo, or "cpu:gloo,npu:hccl" / "cpu:gloo,cuda:nccl" (backend_for)
 
     def torch_device(self, local_rank: int = 0) -> torch.device:
         if self.type == "cpu":
@@ -68,15 +68,25 @@ def detect(requested: str = "auto") -> DeviceInfo:
         raise RuntimeError("train.device=npu but torch_npu is not importable: pip install 'omnitrain[npu]'")
     elif requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but no CUDA device is visible: use train.device=auto or cpu")
-    return DeviceInfo(requested, _BACKENDS[requested])
+    return DeviceInfo(requested, _backend(requested))
 
 
 def is_cpu(dev: torch.device | DeviceInfo) -> bool:
     return dev.type == "cpu"
 
 
+def _backend(dev_type: str) -> str:
+    if dev_type == "cpu":
+        return _BACKENDS["cpu"]
+    # An accelerator's collective library takes only device tensors; the
+    # host-side ones (loss and token sums, data-parallel counters) need gloo
+    # on the same groups, which torch's per-device backend string gives.
+    return f"cpu:{_BACKENDS['cpu']},{dev_type}:{_BACKENDS[dev_type]}"
+
+
 def backend_for(dev: torch.device | DeviceInfo) -> str:
-    return _BACKENDS[dev.type]
+    """The process-group backend for `dev` (every group made from it inherits it)."""
+    return _backend(dev.type)
 
 
 def cpu_backend() -> str:

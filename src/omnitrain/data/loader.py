@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
-from omnitrain.data import balance, packing
+from omnitrain.data import dispatch, packing
 from omnitrain.data.collate import collate
 from omnitrain.data.dataset import ProcessedDataset, SampleCache, build_index, processor_fingerprint
 from omnitrain.data.errors import DataError
@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 class _MicroBatches(torch.utils.data.Sampler):
     """Endless (dataset, sample) keys of this rank's micro-batches from `start`;
-    with data.balance, the whole global batch of each step (from the step of `start`)."""
+    with data.balance, this rank's whole share of each step's global batch
+    (from the step of `start`), which data/dispatch.py deals out."""
 
     def __init__(self, loader: "OmniLoader", start: int):
         self.loader = loader
@@ -36,9 +37,10 @@ class _MicroBatches(torch.utils.data.Sampler):
     def __iter__(self) -> Iterator[List[Any]]:
         lo = self.loader
         if lo.balance:
-            step = self.start // lo.micro_batches_per_step
-            while True:
-                yield [lo.key_at(p) for p in range(step * lo.global_batch, (step + 1) * lo.global_batch)]
+            per_step = lo.micro_batches_per_step
+            step = self.start // per_step
+            while True:  # the positions of the step's micro-batches, all at once
+                yield [lo.key_at(p) for j in range(per_step) for p in lo.positions(step * per_step + j)]
                 step += 1
         m = self.start
         while True:
@@ -64,19 +66,17 @@ class _Collate:
             return self.one(samples), [s["meta"] for s in samples]
 
 
-class _BalancedCollate(_Collate):
-    """data.balance: the global batch's samples -> this rank's micro-batches
-    (data/balance.py), costs from each sample collated alone."""
+class _Costed:
+    """data.balance, in a worker: this rank's share of the global batch,
+    processed, with each sample's predicted cost (collated alone); collated
+    after the ranks swap samples (data/dispatch.py)."""
 
-    def __init__(self, fn, pad_id, max_tokens, cost, dp_rank, dp_size, micro_batches, micro):
-        super().__init__(fn, pad_id, max_tokens)
-        self.cost, self.dp_rank, self.dp_size, self.m, self.micro = cost, dp_rank, dp_size, micro_batches, micro
+    def __init__(self, fn, pad_id, cost):
+        self.fn, self.pad_id, self.cost = fn, pad_id, cost
 
     def __call__(self, samples):
         with one_thread():
-            costs = [self.cost(self.fn([s], self.pad_id)) for s in samples]
-            mine = balance.assign(costs, self.dp_size, self.m, self.micro)[self.dp_rank]
-            return [(self.one([samples[i] for i in mb]), [samples[i]["meta"] for i in mb]) for mb in mine], None
+            return samples, [self.cost(self.fn([s], self.pad_id)) for s in samples]
 
 
 def _worker_init(_: int) -> None:
@@ -100,10 +100,12 @@ class OmniLoader:
         collate_fn=collate,
         max_tokens: Optional[int] = None,
         cost_fn=None,
+        dp_group=None,
     ):
         """`max_tokens`: pack each micro-batch into rows of that many tokens
         (None: no packing). `cost_fn(micro-batch) -> float`: balance each global
-        batch over ranks and micro-batches by it (None: sampler order)."""
+        batch over ranks and micro-batches by it (None: sampler order), swapping
+        samples with the other ranks of `dp_group` (None: the default group)."""
         check_batch_sizes(global_batch_size, micro_batch_size, dp_size)
         self.dataset = dataset
         self.seed = seed
@@ -118,6 +120,7 @@ class OmniLoader:
         self.max_tokens = max_tokens
         self.cost_fn = cost_fn
         self.balance = cost_fn is not None
+        self.dp_group = dp_group
         self.sizes = dataset.index.sizes
         self.epoch_len = len(epoch_order(self.sizes, self.weights, seed, 0))
         self.micro_step = 0
@@ -152,18 +155,20 @@ class OmniLoader:
         if self.num_workers > 0:
             kwargs = dict(prefetch_factor=self.prefetch_factor, worker_init_fn=_worker_init, persistent_workers=False)
         pad = self.dataset.builder.ids.pad
-        if self.balance:
-            fn = _BalancedCollate(
-                self.collate_fn, pad, self.max_tokens, self.cost_fn, self.dp_rank, self.dp_size, self.micro_batches_per_step, self.micro
-            )
-        else:
-            fn = _Collate(self.collate_fn, pad, self.max_tokens)
+        collate = _Collate(self.collate_fn, pad, self.max_tokens)
+        fn = _Costed(self.collate_fn, pad, self.cost_fn) if self.balance else collate
         dl = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_MicroBatches(self, self.micro_step), collate_fn=fn, num_workers=self.num_workers, **kwargs
         )
-        for batch, metas in dl:
-            # balanced: one global batch -> this rank's micro-batches of the step (a resume may start inside it)
-            parts = batch[self.micro_step % self.micro_batches_per_step :] if self.balance else [(batch, metas)]
+        for batch, extra in dl:
+            if self.balance:  # this rank's share of the step -> its balanced micro-batches (a resume may start inside)
+                mbs = dispatch.balanced_micro_batches(
+                    batch, extra, group=self.dp_group, dp_rank=self.dp_rank, dp_size=self.dp_size,
+                    micro_batches=self.micro_batches_per_step, micro_batch_size=self.micro,
+                )
+                parts = ((collate.one(mb), [s["meta"] for s in mb]) for mb in mbs[self.micro_step % self.micro_batches_per_step :])
+            else:
+                parts = [(batch, extra)]
             for mb, mb_metas in parts:
                 self._account(mb_metas)
                 self.micro_step += 1
@@ -274,9 +279,11 @@ def build_loader(
     dp_rank: int = 0,
     dp_size: int = 1,
     split: Optional[str] = None,
+    dp_group=None,
 ) -> OmniLoader:
     """Endless micro-batches for this dp rank (see module and sampler docs);
-    `split` (train | eval): data.eval_fraction's part of the datasets."""
+    `split` (train | eval): data.eval_fraction's part of the datasets;
+    `dp_group`: the data-parallel group data.balance swaps samples in."""
     from hydra.utils import instantiate
 
     dataset = build_dataset(data_cfg, family, processor, split, seed)
@@ -303,4 +310,5 @@ def build_loader(
         collate_fn=instantiate(collator) if collator else collate,
         max_tokens=max_tokens,
         cost_fn=cost_fn,
+        dp_group=dp_group,
     )

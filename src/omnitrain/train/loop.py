@@ -136,6 +136,7 @@ class Trainer:
             dp_rank=self.dp_rank,
             dp_size=self.dp_size,
             split="train",  # without the data.eval_fraction held out (if set)
+            dp_group=self.ctx.dp_group if self.ctx else None,
         )
         return self.loader
 
@@ -156,6 +157,7 @@ class Trainer:
         self.eval_loader = build_loader(
             d, self.adapter, load_processor(self.cfg.model), seed=t.seed, micro_batch_size=t.micro_batch_size,
             global_batch_size=t.global_batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size, split="eval",
+            dp_group=self.ctx.dp_group if self.ctx else None,
         )
         return self.eval_loader
 
