@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from omnitrain.pipeline import p2p
 from omnitrain.pipeline import schedule as sched
 from omnitrain.pipeline.executor import run_pipeline
 from _dist import run_workers
@@ -114,9 +115,14 @@ def _pipelined(rank, world, runs):
     batches = []  # receives posted inside a batch_isend_irecv, per run
     real = dist.batch_isend_irecv
     dist.batch_isend_irecv = lambda ops: batches.append(sum(op.op is dist.irecv for op in ops)) or real(ops)
+    up = dist.new_group(list(range(world)))  # "directional": messages to a lower rank travel here
+    ways = []  # (sent to a lower rank, over `up`) per send
+    send = p2p.isend_bundle
+    p2p.isend_bundle = lambda b, dst, **kw: ways.append((dst < rank, kw["group"] is up)) or send(b, dst, **kw)
     out = []
     for name, m, v, *opts in runs:
         batches.clear()
+        ways.clear()
         s = sched.build(name, world, m, v)
         model, data = make_model(), make_data(m)
         stages = s.stages_of(rank)
@@ -131,10 +137,12 @@ def _pipelined(rank, world, runs):
             num_stages=s.num_stages,
             # main-thread receives, each send batched with the next receive (batch_isend_irecv), as on accelerators
             prefetch=not opts,
+            up_group=up if opts == ["directional"] else None,
         )
         blocks = [b for st in stages for b in objs[st].blocks]
-        out.append((res.losses, _grads(model, blocks), sorted(res.forward_s), sum(batches)))
+        out.append((res.losses, _grads(model, blocks), sorted(res.forward_s), sum(batches), list(ways)))
     dist.batch_isend_irecv = real
+    p2p.isend_bundle = send
     return out
 
 
@@ -146,7 +154,8 @@ RUNS = {
     1: [("interleaved_1f1b", 4, 4), ("zbv", 3, 2)],  # several stages on one rank: local hand-over
     2: [(n, m, 1) for n in ("gpipe", "1f1b") for m in range(4, 9)] + [("interleaved_1f1b", m, 2) for m in (4, 5)]
     + [("zero_bubble", m, 1) for m in (2, 5, 8)] + [(n, 5, 1, "batched") for n in ("gpipe", "1f1b", "zero_bubble")]
-    + [("zbv", m, 2) for m in (2, 5)] + [("zbv", 4, 2, "main-thread")],  # V: stage 3 (the loss) back on rank 0
+    + [("zbv", m, 2) for m in (2, 5)] + [("zbv", 4, 2, "main-thread")]  # V: stage 3 (the loss) back on rank 0
+    + [("zbv", 4, 2, "directional"), ("interleaved_1f1b", 4, 2, "directional")],
     4: [(n, m, 1) for n in ("gpipe", "1f1b") for m in range(4, 9)] + [("zero_bubble", m, 1) for m in (4, 7)]
     + [(n, 6, 1, "batched") for n in ("gpipe", "1f1b", "zero_bubble")],
 }
@@ -160,7 +169,9 @@ def test_pipeline_matches_single_process(p):
         s = sched.build(name, p, m, v)
         seen = set()
         for rank in range(p):
-            losses, grads, stages, _ = results[rank][i]
+            losses, grads, stages, _, ways = results[rank][i]
+            if RUNS[p][i][3:] == ("directional",):  # upward messages (and only they) took the second group
+                assert all(lower == up for lower, up in ways), name
             assert stages == s.stages_of(rank)
             if rank == s.rank_of(s.num_stages - 1):
                 assert len(losses) == m
@@ -171,7 +182,9 @@ def test_pipeline_matches_single_process(p):
                 assert _close(g, ref_grads[n]), (name, m, rank, n)
             seen |= set(grads)
         assert seen == set(ref_grads), (name, m)
-        if len(RUNS[p][i]) > 3 and s.placement == "loop":  # the batched path ran, receives included
+        if RUNS[p][i][3:] == ("directional",):
+            assert any(lower for rank in range(p) for lower, _ in results[rank][i][4]), name
+        if RUNS[p][i][3:] == ("batched",):  # the batched path ran, receives included
             assert sum(results[rank][i][3] for rank in range(p)) > 0, name
 
 

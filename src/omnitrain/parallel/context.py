@@ -277,6 +277,7 @@ class ParallelContext:
     fsdp_opts: object = None
     modules: dict = field(default_factory=dict)  # module -> ModuleMesh
     sequence_parallel: bool = False
+    pp_up_group: object = None  # the pp ranks again, for messages to a lower rank (executor: `up_group`)
 
     @classmethod
     def build(cls, cfg, family) -> "ParallelContext":
@@ -292,7 +293,8 @@ class ParallelContext:
             pp.size, None if pp.layers is None else {k: list(v) for k, v in pp.layers.items()}, family.depths,
             num_microbatches=num_microbatches(cfg, sizes.dp), schedule=pp.schedule, virtual_stages=pp.virtual_stages,
         )
-        dev_type = device.detect(cfg.train.device).type
+        info = device.detect(cfg.train.device)
+        dev_type = info.type
         pp_rank, local = divmod(rank, sizes.width)
         # One mesh per distinct TP size (modules with equal sizes share it), built
         # in the same order on every rank.
@@ -315,12 +317,18 @@ class ParallelContext:
             llm.ep_mesh = build_ep_mesh(dev_type, sizes, ep)
             llm.edp_rank, llm.edp_size = llm.dp_rank // ep, llm.dp_size // ep
         pp_mesh = llm.mesh["pp"]
+        pp_ranks = [int(r) for r in pp_mesh.mesh.tolist()]
         mine = [s for s in plans if s.rank == pp_rank]
+        up = None
+        if len(plans) > sizes.pp and not device.is_cpu(info):
+            # several stages per rank on an accelerator: the executor sends without
+            # batching, each direction of a pair in its own group (executor._Mailbox)
+            up = dist.new_group(pp_ranks, use_local_synchronization=True)
         return cls(
             rank, world, pp_rank, sizes.pp, llm.dp_rank, llm.dp_size, mine, len(plans), cfg.parallel.pp.schedule,
-            pp_mesh.get_group(), llm.dp_group, [int(r) for r in pp_mesh.mesh.tolist()], llm.tp_rank, llm.tp_size,
+            pp_mesh.get_group(), llm.dp_group, pp_ranks, llm.tp_rank, llm.tp_size,
             llm.mesh["tp"].get_group(), llm.mesh, cfg.parallel.dp_mode, cfg.parallel.fsdp, modules,
-            bool(cfg.parallel.sequence_parallel),
+            bool(cfg.parallel.sequence_parallel), up,
         )
 
     # ---- what the loop asks -------------------------------------------------
@@ -505,6 +513,7 @@ class ParallelContext:
             stages,
             rank_of=plan.rank_of,
             group=self.pp_group,
+            up_group=self.pp_up_group,
             num_microbatches=m,
             num_stages=self.num_stages,
             device=trainer.dev,

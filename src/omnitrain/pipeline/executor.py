@@ -77,7 +77,9 @@ class _Mailbox:
     the main thread receives, in action order.
     """
 
-    def __init__(self, group, device: torch.device, expected: dict[int, int], prefetch: bool, batch: bool = False):
+    def __init__(
+        self, group, device: torch.device, expected: dict[int, int], prefetch: bool, batch: bool = False, up_group=None
+    ):
         self.group = group
         self.device = device
         self.me = dist.get_rank(group)
@@ -87,6 +89,14 @@ class _Mailbox:
         # Without prefetch threads, a slot's send and the next receive go out as one batch
         # (`batch`), on the device's communication stream where it has streams.
         self.batch = batch and not prefetch
+        # Main-thread p2p without batching: messages to a lower rank go over
+        # `up_group` (the same ranks), so on NCCL / HCCL a pair's two directions
+        # run on separate communicators and streams; on one, a send queued
+        # before a receive of the other direction waits for the peer's
+        # matching receive, which its own such send can hold back (large
+        # messages: a hang). Each direction alone is first-in first-out on
+        # both ends, and the schedule's order is deadlock-free (simulator).
+        self.up = up_group if up_group is not None and not prefetch and not self.batch else group
         self.stream = omnitrain_device.comm_stream(device) if not prefetch else None
         self.cond = threading.Condition()
         self.error: BaseException | None = None
@@ -126,9 +136,13 @@ class _Mailbox:
                 self.posted[src] = recv
         else:
             self.sends.append(
-                p2p.isend_bundle(bundle, dst, group=self.group, key=key, device=self.device, stream=self.stream)
+                p2p.isend_bundle(bundle, dst, group=self._way(self.me, dst), key=key, device=self.device, stream=self.stream)
             )
         self.sends = [h for h in self.sends if not h.is_completed()]
+
+    def _way(self, src: int, dst: int):
+        """The group a message from group rank `src` to `dst` travels in."""
+        return self.up if dst < src else self.group
 
     def _lookahead(self, then: tuple | None) -> int | None:
         """The peer whose next bundle to post a receive for now, if batching and none is outstanding."""
@@ -151,7 +165,7 @@ class _Mailbox:
         else:
             while (src, key) not in self.kept:
                 h = self.posted.pop(src, None) or p2p.irecv_bundle(
-                    src, group=self.group, device=self.device, stream=self.stream
+                    src, group=self._way(src, self.me), device=self.device, stream=self.stream
                 )
                 got, bundle = h.wait()
                 self.kept[(src, tuple(got))] = bundle
@@ -229,6 +243,7 @@ def run_pipeline(
     *,
     rank_of: Callable[[int], int] | None = None,
     group=None,
+    up_group=None,
     num_microbatches: int,
     num_stages: int | None = None,
     device: torch.device | None = None,
@@ -248,7 +263,9 @@ def run_pipeline(
     Batching is limited to one stage per rank: the stages then form a line
     in which a batch's sends are always taken by a neighbour that needs them
     (a grouped batch completes as a whole); interleaved stages wrap around
-    the ranks, where no such argument holds. `clock` times the compute
+    the ranks, where no such argument holds; there `up_group` (a second
+    group of the same ranks) carries the messages to a lower rank, so the two
+    directions of a pair never share an ordered channel. `clock` times the compute
     (forward_s / backward_s; device.compute_clock); idle_s is wall time.
     """
     stages = dict(stage) if isinstance(stage, Mapping) else {actions[0].stage if actions else 0: stage}
@@ -274,7 +291,7 @@ def run_pipeline(
         # batch_isend_irecv contract); one barrier makes it an all-rank op.
         dist.barrier(group=group)
         _BATCH_READY.add(group)
-    box = _Mailbox(group, device, _expected(actions, num_stages, rank_of, me), prefetch, batch_p2p)
+    box = _Mailbox(group, device, _expected(actions, num_stages, rank_of, me), prefetch, batch_p2p, up_group)
     saved: dict[tuple[int, int], tuple[dict, object]] = {}
     losses: dict[int, torch.Tensor] = {}
     fwd_s = {s: 0.0 for s in stages}
