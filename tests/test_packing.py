@@ -179,8 +179,9 @@ def test_loader_packs_and_balances_the_same_global_batches():
         assert got == ref[step]
     for got, keys, again, *_ in ranks:
         assert again == got
-        assert len(keys) == 4  # two steps, two samples each: its unbalanced share, loaded once
-    assert not set(ranks[0][1]) & set(ranks[1][1])
+        # its unbalanced shares of steps 1-2 (two samples each) and maybe step 3's, prefetched
+        assert len(keys) in (4, 6)
+    assert not set(ranks[0][1][:4]) & set(ranks[1][1][:4])  # steps 1-2: no sample loaded on both ranks
     assert sum(r[4] for r in ranks) > 0  # the swap ran: some samples trained on another rank than loaded them
     # a resume inside a step gets the rest of that step's micro-batches
     for got, _, _, resumed, _ in ranks:

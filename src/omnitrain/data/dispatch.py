@@ -8,19 +8,67 @@ all-to-all (OrchMLLM's post-balancing). Decoding media is what costs in an
 omni pipeline; moving the decoded tensors between ranks is cheap next to it,
 and costing a sample needs it processed.
 
-The process group's backend must take CPU tensors (gloo, or an accelerator
-group made with `device.backend_for`, which pairs it with gloo).
+The exchange of the next step runs in a background thread while the
+current step trains (`prefetched`), on a gloo group of its own (`own_group`:
+collectives of two threads on one group could pair up differently on
+different ranks).
 """
 
 from __future__ import annotations
 
 import pickle
-from typing import Any, List, Sequence
+import queue
+import threading
+from typing import Any, Callable, Iterator, List, Sequence
 
 import torch
 import torch.distributed as dist
 
+from omnitrain import device
 from omnitrain.data import balance
+
+
+def own_group(dp_group):
+    """A gloo group of `dp_group`'s ranks (None: every rank) for one loader's
+    exchanges; made by those ranks alone, when each builds its loader."""
+    ranks = list(range(dist.get_world_size())) if dp_group is None else dist.get_process_group_ranks(dp_group)
+    return dist.new_group(ranks, backend=device.cpu_backend(), use_local_synchronization=True)
+
+
+def prefetched(make_next: Callable[[], Any]) -> Iterator[Any]:
+    """Endless `make_next()` results, each made in a daemon thread while the
+    caller uses the one before; an exception there is raised here, in its
+    turn. Closing the iterator waits for the one being made (every rank makes
+    the same ones, so its collectives finish) and ends the thread."""
+    q: "queue.Queue" = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def run():
+        ok = True
+        while ok and not stop.is_set():
+            try:
+                item = (True, make_next())
+            except BaseException as e:  # noqa: BLE001  (raised in the caller's thread)
+                item = (False, e)
+            ok = item[0]
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
+
+    t = threading.Thread(target=run, daemon=True, name="data-balance")
+    t.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                raise item
+            yield item
+    finally:
+        stop.set()
+        t.join()
 
 
 def balanced_micro_batches(

@@ -105,7 +105,8 @@ class OmniLoader:
         """`max_tokens`: pack each micro-batch into rows of that many tokens
         (None: no packing). `cost_fn(micro-batch) -> float`: balance each global
         batch over ranks and micro-batches by it (None: sampler order), swapping
-        samples with the other ranks of `dp_group` (None: the default group)."""
+        samples with the other ranks of `dp_group` (None: the default group;
+        a private gloo group of its ranks carries the swaps)."""
         check_batch_sizes(global_batch_size, micro_batch_size, dp_size)
         self.dataset = dataset
         self.seed = seed
@@ -120,7 +121,8 @@ class OmniLoader:
         self.max_tokens = max_tokens
         self.cost_fn = cost_fn
         self.balance = cost_fn is not None
-        self.dp_group = dp_group
+        # data.balance swaps samples in a background thread: on a group of its own
+        self._group = dispatch.own_group(dp_group) if self.balance and dp_size > 1 else None
         self.sizes = dataset.index.sizes
         self.epoch_len = len(epoch_order(self.sizes, self.weights, seed, 0))
         self.micro_step = 0
@@ -160,19 +162,29 @@ class OmniLoader:
         dl = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_MicroBatches(self, self.micro_step), collate_fn=fn, num_workers=self.num_workers, **kwargs
         )
-        for batch, extra in dl:
-            if self.balance:  # this rank's share of the step -> its balanced micro-batches (a resume may start inside)
-                mbs = dispatch.balanced_micro_batches(
-                    batch, extra, group=self.dp_group, dp_rank=self.dp_rank, dp_size=self.dp_size,
-                    micro_batches=self.micro_batches_per_step, micro_batch_size=self.micro,
-                )
-                parts = ((collate.one(mb), [s["meta"] for s in mb]) for mb in mbs[self.micro_step % self.micro_batches_per_step :])
-            else:
-                parts = [(batch, extra)]
+        steps = self._balanced(iter(dl), collate) if self.balance else ([item] for item in dl)
+        for parts in steps:
+            if self.balance:  # a resume may start inside a step
+                parts = parts[self.micro_step % self.micro_batches_per_step :]
             for mb, mb_metas in parts:
                 self._account(mb_metas)
                 self.micro_step += 1
                 yield mb
+
+    def _balanced(self, shares, collate) -> Iterator[List[Any]]:
+        """data.balance: each step's (micro-batch, metas), from this rank's share
+        swapped with the other dp ranks' (data/dispatch.py) and collated, the
+        next step's made in the background while this one trains."""
+
+        def step():
+            samples, costs = next(shares)
+            mbs = dispatch.balanced_micro_batches(
+                samples, costs, group=self._group, dp_rank=self.dp_rank, dp_size=self.dp_size,
+                micro_batches=self.micro_batches_per_step, micro_batch_size=self.micro,
+            )
+            return [(collate.one(mb), [s["meta"] for s in mb]) for mb in mbs]
+
+        return dispatch.prefetched(step)
 
     def _account(self, metas: List[Dict[str, Any]]) -> None:
         for meta in metas:
