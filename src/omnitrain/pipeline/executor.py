@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 from omnitrain import device as omnitrain_device
 from omnitrain.pipeline import p2p, split_backward
-from omnitrain.pipeline.schedule import Action
+from omnitrain.pipeline.schedule import Action, stage_rank
 
 ACT, GRAD = 0, 1  # bundle kinds, first word of the p2p key
 _BATCH_READY: set = set()  # process groups whose first op was a collective (see run_pipeline)
@@ -282,8 +282,7 @@ def run_pipeline(
         prefetch = omnitrain_device.is_cpu(device)
     me = dist.get_rank(group)
     if rank_of is None:
-        world = dist.get_world_size(group)
-        rank_of = lambda st: st % world  # noqa: E731
+        rank_of = functools.partial(stage_rank, num_ranks=dist.get_world_size(group))
     if batch_p2p is None:
         batch_p2p = num_stages == dist.get_world_size(group)
     if batch_p2p and not prefetch and group not in _BATCH_READY:
