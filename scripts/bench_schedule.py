@@ -270,9 +270,10 @@ def main() -> None:
         return statistics.median(r), min(r), max(r)
 
     bubbles = {name: [_bubble(t, a.p, a.m, f, b) for t in times[name]] for name in names}
-    ideal_bubbles = {}
+    ideal_steps, ideal_bubbles = {}, {}
     for name in names:
         ideal, ideal_bubbles[name] = _ideal(name, a.p, a.m, f, b, a.virtual_stages)
+        ideal_steps[name] = ideal
         print(
             f"{name:17s} p={a.p} m={a.m} {a.kib} KiB: step {step[name] * 1e3:6.1f} ms, ideal {ideal * 1e3:6.1f} ms, "
             f"bubble {_bubble(step[name], a.p, a.m, f, b):.3f} (ideal {ideal_bubbles[name]:.3f}; "
@@ -291,7 +292,7 @@ def main() -> None:
     for zb in ("zero_bubble", "zbv"):
         if "1f1b" in bubbles and zb in bubbles:
             over_1f1b[zb], lo, hi = paired(bubbles[zb], bubbles["1f1b"])
-            over = {n: (step[n] - _ideal(n, a.p, a.m, f, b, a.virtual_stages)[0]) * 1e3 for n in (zb, "1f1b")}
+            over = {n: (step[n] - ideal_steps[n]) * 1e3 for n in (zb, "1f1b")}
             print(
                 f"{zb} bubble over 1f1b's: {over_1f1b[zb]:.3f} (rounds {lo:.3f}-{hi:.3f}; target <= 0.5; "
                 f"simulated without latency {ideal_bubbles[zb] / ideal_bubbles['1f1b']:.3f}; "
