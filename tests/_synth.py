@@ -7,6 +7,8 @@ into micro-batches (any layout) sees the same data.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 IMAGE, VIDEO, AUDIO = 151655, 151656, 151646
@@ -153,6 +155,10 @@ class SynthLoader:
                 self.micro_step += 1
                 yield collate(ss[j : j + self.mbs])
             k, j0 = k + 1, 0
+
+    def iterate(self, limit=None):
+        """The loader protocol's bounded iteration (the trainer's evaluation uses it)."""
+        return itertools.islice(iter(self), limit)
 
     def state_dict(self) -> dict:
         return {"micro_step": self.micro_step, "global_batch_size": self.G, "per_step": self.per_step}

@@ -26,24 +26,27 @@ log = logging.getLogger(__name__)
 
 
 class _MicroBatches(torch.utils.data.Sampler):
-    """Endless (dataset, sample) keys of this rank's micro-batches from `start`;
-    with data.balance, this rank's whole share of each step's global batch
-    (from the step of `start`), which data/dispatch.py deals out."""
+    """(dataset, sample) keys of this rank's micro-batches from `start` to
+    `stop` (None: endless); with data.balance, this rank's whole share of each
+    step's global batch (the steps `start` and `stop` fall in), which
+    data/dispatch.py deals out."""
 
-    def __init__(self, loader: "OmniLoader", start: int):
+    def __init__(self, loader: "OmniLoader", start: int, stop: Optional[int] = None):
         self.loader = loader
         self.start = start
+        self.stop = stop
 
     def __iter__(self) -> Iterator[List[Any]]:
         lo = self.loader
         if lo.balance:
             per_step = lo.micro_batches_per_step
             step = self.start // per_step
-            while True:  # the positions of the step's micro-batches, all at once
+            while self.stop is None or step * per_step < self.stop:  # the step's micro-batches, all at once
                 yield [lo.key_at(p) for j in range(per_step) for p in lo.positions(step * per_step + j)]
                 step += 1
+            return
         m = self.start
-        while True:
+        while self.stop is None or m < self.stop:
             yield [lo.key_at(p) for p in lo.positions(m)]
             m += 1
 
@@ -153,6 +156,13 @@ class OmniLoader:
     # -- iteration ----------------------------------------------------------
 
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
+        return self.iterate()
+
+    def iterate(self, limit: Optional[int] = None) -> Iterator[Dict[str, torch.Tensor]]:
+        """Micro-batches from `micro_step` on; with `limit`, that many and no more
+        decoded (an evaluation's fixed batches: workers and data.balance's
+        background swap would otherwise prepare batches nobody takes)."""
+        stop = None if limit is None else self.micro_step + limit
         kwargs: Dict[str, Any] = {}
         if self.num_workers > 0:
             kwargs = dict(prefetch_factor=self.prefetch_factor, worker_init_fn=_worker_init, persistent_workers=False)
@@ -160,13 +170,15 @@ class OmniLoader:
         collate = _Collate(self.collate_fn, pad, self.max_tokens)
         fn = _Costed(self.collate_fn, pad, self.cost_fn) if self.balance else collate
         dl = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=_MicroBatches(self, self.micro_step), collate_fn=fn, num_workers=self.num_workers, **kwargs
+            self.dataset, batch_sampler=_MicroBatches(self, self.micro_step, stop), collate_fn=fn, num_workers=self.num_workers, **kwargs
         )
         steps = self._balanced(iter(dl), collate) if self.balance else ([item] for item in dl)
         for parts in steps:
             if self.balance:  # a resume may start inside a step
                 parts = parts[self.micro_step % self.micro_batches_per_step :]
             for mb, mb_metas in parts:
+                if stop is not None and self.micro_step >= stop:
+                    return
                 self._account(mb_metas)
                 self.micro_step += 1
                 yield mb

@@ -78,7 +78,8 @@ def load_audio(path: str, target_sr: int) -> np.ndarray:
     return resample(wave, sr, target_sr)
 
 
-_REFORMATTERS: dict = {}  # (pid, thread) -> av VideoReformatter; see _rgb
+_REFORMATTER = threading.local()  # .pid, .r: this thread's av VideoReformatter; see _rgb
+_INHERITED: list = []  # reformatters made before a fork, in the thread that forked
 
 
 def _rgb(frame) -> np.ndarray:
@@ -94,10 +95,13 @@ def _rgb(frame) -> np.ndarray:
     """
     from av.video.reformatter import VideoReformatter
 
-    key = (os.getpid(), threading.get_ident())
-    r = _REFORMATTERS.get(key)
-    if r is None:
-        r = _REFORMATTERS[key] = VideoReformatter()
+    # Per thread (freed with it), re-made after a fork: the pid tells an inherited
+    # one, which is kept (freeing it could wait for its missing threads).
+    if getattr(_REFORMATTER, "pid", None) != os.getpid():
+        if hasattr(_REFORMATTER, "r"):
+            _INHERITED.append(_REFORMATTER.r)
+        _REFORMATTER.pid, _REFORMATTER.r = os.getpid(), VideoReformatter()
+    r = _REFORMATTER.r
     try:
         out = r.reformat(frame, format="rgb24", threads=1)
     except TypeError:  # PyAV < 17 has no `threads`: its reformatting is single-threaded

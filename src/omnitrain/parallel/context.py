@@ -544,7 +544,8 @@ class ParallelContext:
         from omnitrain.pipeline import p2p
 
         mine = {sp.index: _Stage(trainer, sp, micro_batches, num_label_tokens) for sp in self.stage_plans}
-        rank_of = self._plan(len(micro_batches)).rank_of
+        placement = sched.placement_of(self.schedule)  # where the stages sit; no need to build the schedule
+        rank_of = functools.partial(sched.stage_rank, num_ranks=self.pp_size, placement=placement)
         loss = torch.zeros(())
         for i in range(len(micro_batches)):
             out = {}

@@ -176,8 +176,10 @@ class Trainer:
         """Validation loss over `eval_batches()` global batches (the same ones every
         time): the train.loss of all of them at once, forward only, under any layout."""
         self.eval_loader.micro_step = 0
-        it = iter(self.eval_loader)
-        mbs = [self._to_device(next(it)) for _ in range(self.eval_batches() * self.num_microbatches)]
+        n = self.eval_batches() * self.num_microbatches
+        mbs = [self._to_device(mb) for mb in self.eval_loader.iterate(n)]
+        if len(mbs) != n:
+            raise RuntimeError(f"evaluation: the eval loader gave {len(mbs)} micro-batches of {n}")
         if self.ctx is not None:
             mbs = self.ctx.prepare_micro_batches(self.adapter, mbs, self.dev)
         n_label = sum(self.adapter.count_label_tokens(mb) for mb in mbs)
