@@ -19,7 +19,9 @@ torch.distributed.pipelining (Schedule1F1B, ScheduleInterleavedZeroBubble,
 ScheduleZBVZeroBubble with two half-cost chunks per rank; gloo) in the same
 processes, and omnitrain's step time over torch's is printed. Every schedule
 runs one step per round, in turn, so ratios are taken within a round (the
-same host state) and the median over rounds is printed.
+same host state) and the median over rounds is printed. torch's own
+zero-bubble schedules' bubble over its 1F1B's is printed as the reference for
+what this host's per-message and per-action costs leave of a schedule's gain.
 
     python scripts/bench_schedule.py            # p=4, m=8, f=20 ms, b=40 ms, 7 rounds
 
@@ -298,6 +300,14 @@ def main() -> None:
                 f"simulated without latency {ideal_bubbles[zb] / ideal_bubbles['1f1b']:.3f}; "
                 f"over ideal: {zb} {over[zb]:.0f} ms, 1f1b {over['1f1b']:.0f} ms)"
             )
+    # The reference: torch's own zero-bubble schedules over its 1F1B, in the same rounds
+    # (what the host's per-message and per-action costs leave of the schedules' gain).
+    if "1f1b" in torch_names:
+        ref = [_bubble(t, a.p, a.m, f, b) for t in times["torch_1f1b"]]
+        for name in ("interleaved_zb", "zbv"):
+            if name in torch_names:
+                r, lo, hi = paired([_bubble(t, a.p, a.m, f, b) for t in times[f"torch_{name}"]], ref)
+                print(f"torch {name} bubble over torch 1f1b's: {r:.3f} (rounds {lo:.3f}-{hi:.3f})")
     # machine-readable last lines: bubbles of the median steps, ratios the medians of per-round ratios
     for name in ("1f1b", "zero_bubble", "zbv"):
         if name in bubbles:
