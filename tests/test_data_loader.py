@@ -3,6 +3,7 @@ mixing, LLaVA json, max_samples."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 
@@ -11,6 +12,7 @@ import torch
 from data_fixtures.helpers import data_cfg, demo_dir, model_cfg, processor
 
 from omnitrain.data import build_loader, count_label_tokens
+from omnitrain.data.loader import _MicroBatches
 from omnitrain.data.sampler import epoch_counts, epoch_order, micro_batch_positions
 
 # image + audio demo sets: cheap to decode, two datasets to mix
@@ -92,6 +94,10 @@ def test_workers_give_identical_batches():
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), k
+    # a bounded pass (evaluation): the sampler ends with it, so workers prepare nothing past it
+    bounded = _loader(micro=2, num_workers=2)
+    assert _rows(bounded.iterate(3)) == _rows(ref) and bounded.micro_step == 3
+    assert [len(keys) for keys in itertools.islice(_MicroBatches(bounded, 1, 3), 5)] == [2, 2]  # islice: fails, not hangs
 
 
 def test_cache_skips_decoding(tmp_path):
