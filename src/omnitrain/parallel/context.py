@@ -496,15 +496,11 @@ class ParallelContext:
         dist.all_reduce(loss)
         return loss
 
-    def _plan(self, num_microbatches: int) -> sched.Schedule:
-        """This step's schedule: every rank's actions, and where each stage runs."""
-        return sched.build(self.schedule, self.pp_size, num_microbatches, len(self.stage_plans))
-
     def run_pipeline(self, trainer, micro_batches: list[dict], num_label_tokens: int):
         from omnitrain.pipeline.executor import run_pipeline
 
         m = len(micro_batches)
-        plan = self._plan(m)
+        plan = sched.build(self.schedule, self.pp_size, m, len(self.stage_plans))
         stages = {}
         for sp in self.stage_plans:
             stages[sp.index] = _Stage(trainer, sp, micro_batches, num_label_tokens)
@@ -544,8 +540,7 @@ class ParallelContext:
         from omnitrain.pipeline import p2p
 
         mine = {sp.index: _Stage(trainer, sp, micro_batches, num_label_tokens) for sp in self.stage_plans}
-        placement = sched.placement_of(self.schedule)  # where the stages sit; no need to build the schedule
-        rank_of = functools.partial(sched.stage_rank, num_ranks=self.pp_size, placement=placement)
+        rank_of = functools.partial(sched.stage_rank, num_ranks=self.pp_size, placement=sched.placement_of(self.schedule))
         loss = torch.zeros(())
         for i in range(len(micro_batches)):
             out = {}
