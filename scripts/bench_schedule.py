@@ -271,7 +271,7 @@ def main() -> None:
         r = [x / y for x, y in zip(num, den)]
         return statistics.median(r), min(r), max(r)
 
-    bubbles = {name: [_bubble(t, a.p, a.m, f, b) for t in times[name]] for name in names}
+    bubbles = {name: [_bubble(t, a.p, a.m, f, b) for t in ts] for name, ts in times.items()}  # per round; torch's as torch_<name>
     ideal_steps, ideal_bubbles = {}, {}
     for name in names:
         ideal, ideal_bubbles[name] = _ideal(name, a.p, a.m, f, b, a.virtual_stages)
@@ -303,10 +303,9 @@ def main() -> None:
     # The reference: torch's own zero-bubble schedules over its 1F1B, in the same rounds
     # (what the host's per-message and per-action costs leave of the schedules' gain).
     if "1f1b" in torch_names:
-        ref = [_bubble(t, a.p, a.m, f, b) for t in times["torch_1f1b"]]
         for name in ("interleaved_zb", "zbv"):
             if name in torch_names:
-                r, lo, hi = paired([_bubble(t, a.p, a.m, f, b) for t in times[f"torch_{name}"]], ref)
+                r, lo, hi = paired(bubbles[f"torch_{name}"], bubbles["torch_1f1b"])
                 print(f"torch {name} bubble over torch 1f1b's: {r:.3f} (rounds {lo:.3f}-{hi:.3f})")
     # machine-readable last lines: bubbles of the median steps, ratios the medians of per-round ratios
     for name in ("1f1b", "zero_bubble", "zbv"):
