@@ -38,8 +38,9 @@ def own_group(dp_group):
 def prefetched(make_next: Callable[[], Any]) -> Iterator[Any]:
     """`make_next()` results until it raises StopIteration, each made in a
     daemon thread while the caller uses the one before; another exception
-    there is raised here, in its turn. Closing the iterator waits for the one being made (every rank makes
-    the same ones, so its collectives finish) and ends the thread."""
+    there is raised here, in its turn. Closing the iterator waits for the one
+    being made (every rank makes the same ones, so its collectives finish)
+    and ends the thread."""
     q: "queue.Queue" = queue.Queue(maxsize=1)
     stop = threading.Event()
 
